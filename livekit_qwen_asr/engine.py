@@ -1,0 +1,379 @@
+"""Inference engines behind a small protocol: one step = (prompt, utterance audio) -> generated text.
+
+`VLLMEngine` wraps an in-process vLLM `AsyncLLM`; every stream of the process shares one engine, and
+concurrent steps from many streams reach vLLM at once, where continuous batching runs them together.
+A remote vLLM server can replace it later by implementing `ASREngine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidOptionError,
+    RequestRejectedError,
+)
+from .log import logger
+from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
+from .streaming import SAMPLE_RATE, TokenCodec
+
+DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    prompt: str
+    audio: np.ndarray  # float32, 16 kHz mono
+    max_tokens: int
+    stream_id: str = ""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    audio_seconds: float
+    started_at: float  # time.monotonic()
+    finished_at: float
+
+    @property
+    def wall_s(self) -> float:
+        return self.finished_at - self.started_at
+
+
+@dataclass
+class EngineStats:
+    """Counters for observability and tests (e.g. proving steps of different streams overlapped)."""
+
+    steps: int = 0
+    failed_steps: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    audio_seconds: float = 0.0
+    # (stream_id, started_at, finished_at) of recent steps, oldest first
+    recent: collections.deque[tuple[str, float, float]] = field(
+        default_factory=lambda: collections.deque(maxlen=4096)
+    )
+
+    def overlapping_pairs(self) -> int:
+        """How many pairs of recent steps from *different* streams ran at the same time."""
+        steps = sorted(self.recent, key=lambda s: s[1])
+        pairs = 0
+        for i, (sid, _start, end) in enumerate(steps):
+            for sid2, start2, _end2 in steps[i + 1 :]:
+                if start2 >= end:
+                    break
+                pairs += sid2 != sid
+        return pairs
+
+
+@runtime_checkable
+class ASREngine(Protocol):
+    """What streams need from an engine. Implementations must allow many concurrent `step` calls."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def codec(self) -> TokenCodec: ...
+
+    @property
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_synthetic(self) -> bool: ...
+
+    def base_prompt(self, context: str) -> str: ...
+
+    async def step(self, request: StepRequest) -> StepResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Start-up options. `None` means: the platform default noted beside it."""
+
+    model: str = DEFAULT_MODEL  # HF id or local checkpoint directory
+    dtype: str = "auto"  # checkpoint dtype (bf16 for Qwen3-ASR)
+    max_model_len: int = 8192  # prompt + generated tokens; 13 audio tokens per second
+    kv_cache_gib: float | None = None  # CPU: 2 GiB; GPU: vLLM's gpu_memory_utilization rule
+    gpu_memory_utilization: float | None = None  # GPU only; vLLM default 0.9
+    max_num_seqs: int | None = None  # concurrent sequences per batch; vLLM default
+    cpu_threads: str | None = None  # CPU only: cores for OMP, e.g. "0-1"; default all cores
+    enforce_eager: bool | None = None  # default True on CPU (fast start), False on GPU
+    enable_prefix_caching: bool = True
+    extra: tuple[tuple[str, Any], ...] = ()  # more AsyncEngineArgs, as (name, value) pairs
+
+    def __post_init__(self) -> None:
+        if not self.model or not isinstance(self.model, str):
+            raise InvalidOptionError("model must be a non-empty HF id or path")
+        if self.max_model_len < 256:
+            raise InvalidOptionError(f"max_model_len must be >= 256, got {self.max_model_len}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise InvalidOptionError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+
+
+class _HFCodec:
+    """TokenCodec over a HF tokenizer, used exactly as the official SDK uses `processor.tokenizer`."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # torch missing or broken: treat as CPU
+        return False
+
+
+def _resolve_local_dir(model: str) -> Path | None:
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:
+        return None
+
+
+def _load_chat_template(model_dir: Path | None) -> str | None:
+    if model_dir is None:
+        return None
+    f = model_dir / "chat_template.json"
+    if f.is_file():
+        return json.loads(f.read_text()).get("chat_template")
+    f = model_dir / "chat_template.jinja"
+    return f.read_text() if f.is_file() else None
+
+
+def render_base_prompt(tokenizer: Any, template: str | None, context: str) -> str:
+    """The official SDK's messages through the checkpoint's chat template (ChatML when it has none)."""
+    if template is None:
+        return chatml_base_prompt(context)
+    messages = [
+        {"role": "system", "content": context or ""},
+        {"role": "user", "content": [{"type": "audio", "audio": ""}]},
+    ]
+    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+
+
+def load_chat_template(model_dir: Path | None) -> str | None:
+    return _load_chat_template(model_dir)
+
+
+def synthetic_marker(model_dir: Path | None) -> bool:
+    if model_dir is None or not (model_dir / "config.json").is_file():
+        return False
+    try:
+        return bool(json.loads((model_dir / "config.json").read_text()).get("synthetic"))
+    except (OSError, ValueError):
+        return False
+
+
+class VLLMEngine:
+    """Qwen3-ASR on an in-process vLLM `AsyncLLM`. Create with `await VLLMEngine.start(options)`."""
+
+    def __init__(self, llm: Any, options: EngineOptions, model_dir: Path | None, startup_s: float) -> None:
+        self._llm = llm
+        self._options = options
+        self._model_dir = model_dir
+        self.startup_s = startup_s
+        self._codec = _HFCodec(llm.get_tokenizer())
+        self._template = _load_chat_template(model_dir)
+        self._stats = EngineStats()
+        self._closed = False
+        self._synthetic = synthetic_marker(model_dir)
+        probe = self.base_prompt("")
+        if probe.count(AUDIO_PLACEHOLDER) != 1:
+            raise EngineUnavailableError(f"chat template renders no single audio placeholder: {probe!r}")
+
+    @classmethod
+    async def start(cls, options: EngineOptions | None = None) -> VLLMEngine:
+        options = options or EngineOptions()
+        t0 = time.perf_counter()
+        cuda = _cuda_available()
+        if not cuda:
+            # vLLM's CPU backend reserves a core unless told otherwise; use them all by default.
+            os.environ.setdefault(
+                "VLLM_CPU_OMP_THREADS_BIND", options.cpu_threads or f"0-{os.cpu_count() - 1}"
+            )
+        try:
+            from vllm import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as e:
+            raise EngineUnavailableError(
+                "vLLM is not installed: `pip install livekit-qwen-asr[cpu]` (CPU) or `[gpu]`"
+            ) from e
+        kwargs: dict[str, Any] = dict(
+            model=options.model,
+            dtype=options.dtype,
+            max_model_len=options.max_model_len,
+            enable_prefix_caching=options.enable_prefix_caching,
+            limit_mm_per_prompt={"audio": 1},
+            enforce_eager=(not cuda) if options.enforce_eager is None else options.enforce_eager,
+        )
+        if options.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = options.max_num_seqs
+        if cuda:
+            if options.gpu_memory_utilization is not None:
+                kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+            if options.kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
+        kwargs.update(dict(options.extra))
+        model_dir = _resolve_local_dir(options.model)
+        try:
+            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+        except Exception as e:
+            raise EngineUnavailableError(f"could not start vLLM for {options.model!r}: {e}") from e
+        engine = cls(llm, options, model_dir, time.perf_counter() - t0)
+        logger.info(
+            "engine ready",
+            extra={"model": options.model, "startup_s": round(engine.startup_s, 1), "cuda": cuda},
+        )
+        return engine
+
+    # -- protocol --------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._options.model
+
+    @property
+    def options(self) -> EngineOptions:
+        return self._options
+
+    @property
+    def codec(self) -> TokenCodec:
+        return self._codec
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self._synthetic
+
+    def base_prompt(self, context: str) -> str:
+        """The checkpoint's chat template applied to the official SDK's messages."""
+        return render_base_prompt(self._llm.get_tokenizer(), self._template, context)
+
+    async def step(self, request: StepRequest) -> StepResult:
+        if self._closed:
+            raise EngineUnavailableError("engine is closed")
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max(1, int(request.max_tokens)))
+        prompt = {"prompt": request.prompt, "multi_modal_data": {"audio": [(request.audio, SAMPLE_RATE)]}}
+        st = self._stats
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        started = time.monotonic()
+        final = None
+        try:
+            async for out in self._llm.generate(
+                prompt, params, request_id=f"{request.stream_id}-{uuid.uuid4().hex[:12]}"
+            ):
+                final = out
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            st.failed_steps += 1
+            raise _map_vllm_error(e) from e
+        finally:
+            st.in_flight -= 1
+        finished = time.monotonic()
+        if final is None or not final.outputs:
+            st.failed_steps += 1
+            raise EngineError("vLLM returned no output")
+        comp = final.outputs[0]
+        result = StepResult(
+            text=comp.text,
+            prompt_tokens=len(final.prompt_token_ids or ()),
+            cached_tokens=int(final.num_cached_tokens or 0),
+            generated_tokens=len(comp.token_ids),
+            audio_seconds=request.audio.shape[0] / SAMPLE_RATE,
+            started_at=started,
+            finished_at=finished,
+        )
+        st.steps += 1
+        st.prompt_tokens += result.prompt_tokens
+        st.cached_tokens += result.cached_tokens
+        st.generated_tokens += result.generated_tokens
+        st.audio_seconds += result.audio_seconds
+        st.recent.append((request.stream_id, started, finished))
+        return result
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._llm.shutdown()
+
+
+def _map_vllm_error(e: Exception) -> EngineError:
+    name = type(e).__name__
+    if name in ("EngineDeadError", "EngineGenerateError") and "Dead" in name:
+        return EngineUnavailableError(f"vLLM engine died: {e}")
+    if isinstance(e, ValueError | TypeError):
+        # input validation (e.g. prompt longer than max_model_len): the same request would fail again
+        return RequestRejectedError(f"vLLM rejected the request: {e}")
+    return EngineError(f"vLLM step failed: {name}: {e}")
+
+
+# -- one engine per process ----------------------------------------------------------------------
+_shared: dict[EngineOptions, asyncio.Task[VLLMEngine]] = {}
+
+
+async def get_shared_engine(options: EngineOptions | None = None) -> VLLMEngine:
+    """The process-wide engine for these options, started on first use (concurrent callers share it).
+
+    A failed start is not cached: the next call tries again.
+    """
+    options = options or EngineOptions()
+    task = _shared.get(options)
+    if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        task = asyncio.ensure_future(VLLMEngine.start(options))
+        _shared[options] = task
+    return await asyncio.shield(task)
+
+
+async def close_shared_engines() -> None:
+    for task in list(_shared.values()):
+        if task.done() and not task.cancelled() and task.exception() is None:
+            await task.result().aclose()
+    _shared.clear()
+
+
+def options_replace(options: EngineOptions, **changes: Any) -> EngineOptions:
+    return dataclasses.replace(options, **changes)

@@ -1,0 +1,61 @@
+"""Bundled test speech and helpers to turn a WAV into LiveKit frames (demo, tests, benchmarks).
+
+`assets/speech_en_16k.wav` was made with:
+  espeak-ng -v en-us -s 150 -w s.wav "Hello, this is a streaming speech recognition test for LiveKit. ..."
+  sox s.wav -r 16000 -c 1 -b 16 -e signed-integer -t wavpcm speech_en_16k.wav
+"""
+
+from __future__ import annotations
+
+import wave
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from livekit import rtc
+
+from .errors import InvalidAudioError
+
+
+def bundled_speech_path() -> Path:
+    return Path(str(resources.files("livekit_qwen_asr") / "assets" / "speech_en_16k.wav"))
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int, int]:
+    """(interleaved int16 samples, sample_rate, channels) of a 16-bit PCM WAV."""
+    with wave.open(str(path), "rb") as w:
+        if w.getsampwidth() != 2:
+            raise InvalidAudioError(f"{path}: only 16-bit PCM WAV is supported")
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).copy()
+        return data, w.getframerate(), w.getnchannels()
+
+
+def upsample_to_stereo(mono16k: np.ndarray, rate: int = 16_000, out_rate: int = 48_000) -> np.ndarray:
+    """Mono int16 at `rate` -> interleaved stereo int16 at `out_rate` (L = R), as WebRTC delivers it."""
+    if rate == out_rate:
+        up = mono16k
+    else:
+        rs = rtc.AudioResampler(rate, out_rate, num_channels=1, quality=rtc.AudioResamplerQuality.HIGH)
+        parts = [
+            np.frombuffer(f.data, np.int16)
+            for f in rs.push(rtc.AudioFrame(mono16k.tobytes(), rate, 1, len(mono16k)))
+        ]
+        parts += [np.frombuffer(f.data, np.int16) for f in rs.flush()]
+        up = np.concatenate(parts)
+    return np.repeat(up, 2)
+
+
+def iter_frames(
+    interleaved: np.ndarray, rate: int, channels: int, sizes_ms: Sequence[float] = (20.0,)
+) -> Iterator[rtc.AudioFrame]:
+    """Cut interleaved int16 audio into `rtc.AudioFrame`s, cycling through `sizes_ms` (irregular sizes)."""
+    n_total = len(interleaved) // channels
+    pos, i = 0, 0
+    while pos < n_total:
+        n = max(1, int(round(rate * sizes_ms[i % len(sizes_ms)] / 1000)))
+        n = min(n, n_total - pos)
+        chunk = interleaved[pos * channels : (pos + n) * channels]
+        yield rtc.AudioFrame(chunk.tobytes(), rate, channels, n)
+        pos += n
+        i += 1

