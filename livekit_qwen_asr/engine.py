@@ -184,7 +184,9 @@ def render_base_prompt(tokenizer: Any, template: str | None, context: str) -> st
         {"role": "system", "content": context or ""},
         {"role": "user", "content": [{"type": "audio", "audio": ""}]},
     ]
-    return tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
 
 
 def load_chat_template(model_dir: Path | None) -> str | None:

@@ -58,10 +58,9 @@ class StreamingConfig:
 
 
 def validate_streaming_options(chunk_size_sec: float, unfixed_chunk_num: int, unfixed_token_num: int) -> None:
-    try:
-        chunk = float(chunk_size_sec)
-    except (TypeError, ValueError):
-        raise InvalidOptionError(f"chunk_size_sec must be a number, got {chunk_size_sec!r}") from None
+    if isinstance(chunk_size_sec, bool) or not isinstance(chunk_size_sec, int | float | np.number):
+        raise InvalidOptionError(f"chunk_size_sec must be a number, got {chunk_size_sec!r}")
+    chunk = float(chunk_size_sec)
     if not np.isfinite(chunk) or chunk <= 0:
         raise InvalidOptionError(f"chunk_size_sec must be a finite number > 0, got {chunk_size_sec!r}")
     if chunk * SAMPLE_RATE < 160:

@@ -14,7 +14,7 @@ fi
 STAMP=".venv/.installed-$STACK-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   python -m pip install -q -U pip
-  python -m pip install -q -e ".[$STACK,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  python -m pip install -q -e ".[$STACK,dev]" 2> >(grep -v "^WARNING: Location" >&2)
   touch "$STAMP"
 fi
 if [ "$STACK" = "cpu" ]; then

@@ -33,7 +33,9 @@ async def engine(tiny_checkpoint: Path):
     """A real vLLM AsyncLLM engine on the tiny checkpoint, shared by every integration test."""
     from livekit_qwen_asr.engine import EngineOptions, VLLMEngine
 
-    eng = await VLLMEngine.start(EngineOptions(model=str(tiny_checkpoint), max_model_len=4096, kv_cache_gib=1))
+    eng = await VLLMEngine.start(
+        EngineOptions(model=str(tiny_checkpoint), max_model_len=4096, kv_cache_gib=1)
+    )
     yield eng
     await eng.aclose()
 

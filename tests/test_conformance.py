@@ -38,7 +38,13 @@ ZH_RARE = "鬱龘齉爨"
 
 
 def _case(name, outputs, pieces, seed=0, **state_kwargs):
-    return {"name": name, "outputs": outputs, "pieces": pieces, "audio_seed": seed, "state_kwargs": state_kwargs}
+    return {
+        "name": name,
+        "outputs": outputs,
+        "pieces": pieces,
+        "audio_seed": seed,
+        "state_kwargs": state_kwargs,
+    }
 
 
 CASES = [
@@ -46,7 +52,13 @@ CASES = [
     # continue the rolled-back prefix.
     _case(
         "defaults_auto_language",
-        [f"{EN}hello", f"{EN}hello world this", " world this is a streaming", " a streaming test of", "of it."],
+        [
+            f"{EN}hello",
+            f"{EN}hello world this",
+            " world this is a streaming",
+            " a streaming test of",
+            "of it.",
+        ],
         [5000, 17000, 30000, 12000, 40000, 24000, 3500],  # 4 chunks of 32000 + a 3500-sample tail
     ),
     _case(

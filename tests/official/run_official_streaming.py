@@ -26,8 +26,13 @@ class RecordingLLM:
         assert len(inputs) == 1, "the official streaming loop sends one request per step"
         audio = inputs[0]["multi_modal_data"]["audio"]
         assert len(audio) == 1
-        self.calls.append({"prompt": inputs[0]["prompt"], "audio_samples": int(np.asarray(audio[0]).shape[0]),
-                           "audio_sum": float(np.asarray(audio[0], dtype=np.float64).sum())})
+        self.calls.append(
+            {
+                "prompt": inputs[0]["prompt"],
+                "audio_samples": int(np.asarray(audio[0]).shape[0]),
+                "audio_sum": float(np.asarray(audio[0], dtype=np.float64).sum()),
+            }
+        )
         text = self.outputs.pop(0)
         return [SimpleNamespace(outputs=[SimpleNamespace(text=text)])]
 

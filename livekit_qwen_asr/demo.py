@@ -1,0 +1,129 @@
+"""Main job: stream a speech recording through the real plugin path and print live captions.
+
+    python -m livekit_qwen_asr.demo [--model ID_OR_PATH] [--wav FILE] [--speed 1.0] [--language en]
+
+Path: WAV -> 48 kHz stereo `rtc.AudioFrame`s (as WebRTC delivers them), paced at `--speed` x real time
+-> `STT.stream()` (downmix, resample, rollback streaming) -> the vLLM engine. Interims are redrawn in
+place; finals are printed as lines with timings. The default model is Qwen/Qwen3-ASR-0.6B; when it
+cannot be loaded (no hub access, not cached) the demo says so and uses the tiny synthetic checkpoint,
+whose output is random tokens, never a transcription.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+from livekit.agents import stt as lk_stt
+
+from .engine import DEFAULT_MODEL, EngineOptions, VLLMEngine
+from .samples import bundled_speech_path, iter_frames, read_wav, upsample_to_stereo
+from .stt import STT
+
+BANNER = """\
+================================================================================
+ SYNTHETIC MODEL: {reason}
+ Using a random-weight checkpoint with the real Qwen3-ASR layout and vocabulary.
+ Its output is random tokens, NOT a transcription. The pipeline is real.
+================================================================================"""
+
+
+def resolve_model(model: str) -> tuple[str, str | None]:
+    """(model to load, reason it is synthetic or None). Falls back to the tiny synthetic checkpoint."""
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser()), None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model), None
+    except Exception as e:  # no hub here: say so, then fall back
+        from .synthetic import ensure_checkpoint
+
+        reason = f"{model} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+        return str(ensure_checkpoint("tiny")), reason
+
+
+async def run(args: argparse.Namespace) -> int:
+    model, reason = resolve_model(args.model)
+    if reason is None and args.model != model:
+        print(f"model: {args.model} ({model})")
+    t0 = time.perf_counter()
+    print(f"starting vLLM engine for {model} ...", flush=True)
+    engine = await VLLMEngine.start(EngineOptions(model=model, max_model_len=args.max_model_len))
+    print(f"engine ready in {engine.startup_s:.1f} s", flush=True)
+    if engine.is_synthetic:
+        print(BANNER.format(reason=reason or f"{model} is a synthetic checkpoint"), flush=True)
+
+    data, rate, channels = read_wav(args.wav)
+    mono = data if channels == 1 else data.reshape(-1, channels).mean(axis=1).astype(data.dtype)
+    stereo48 = upsample_to_stereo(mono, rate)
+    plugin = STT(engine=engine, language=args.language, context=args.context)
+    stream = plugin.stream()
+    frames = list(iter_frames(stereo48, 48000, 2, (20.0,)))
+    audio_s = len(mono) / rate
+    print(f"streaming {args.wav} ({audio_s:.1f} s, 48 kHz stereo frames) at {args.speed}x real time\n")
+
+    t_start = time.perf_counter()
+
+    async def feed() -> None:
+        for i, f in enumerate(frames):
+            stream.push_frame(f)
+            due = t_start + (i + 1) * 0.020 / args.speed
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))  # real-time pacing of the source
+        stream.end_input()
+
+    feeder = asyncio.create_task(feed())
+    tag = "[synthetic] " if engine.is_synthetic else ""
+    finals = 0
+    async for ev in stream:
+        now = time.perf_counter() - t_start
+        if ev.type == lk_stt.SpeechEventType.INTERIM_TRANSCRIPT:
+            text = ev.alternatives[0].text
+            line = f"\r\x1b[2K  {now:6.2f}s interim {tag}{text}"
+            sys.stdout.write(line[: os.get_terminal_size().columns] if sys.stdout.isatty() else line + "\n")
+            sys.stdout.flush()
+        elif ev.type == lk_stt.SpeechEventType.FINAL_TRANSCRIPT:
+            a = ev.alternatives[0]
+            finals += 1
+            lag = now - min(audio_s / args.speed, now)
+            sys.stdout.write(
+                f"\r\x1b[2K  {now:6.2f}s FINAL   {tag}[{a.start_time:.2f}-{a.end_time:.2f}s, "
+                f"lang={a.language or '?'}, {lag:.2f}s after audio end] {a.text}\n"
+            )
+        elif ev.type == lk_stt.SpeechEventType.RECOGNITION_USAGE:
+            u = ev.recognition_usage
+            print(
+                f"  usage: {u.audio_duration:.2f} s audio, "
+                f"{u.input_tokens} prompt / {u.output_tokens} generated tokens"
+            )
+    await feeder
+    st = engine.stats
+    mean_ms = 1000 * sum(b - a for _, a, b in st.recent) / max(1, st.steps)
+    total_s = time.perf_counter() - t0
+    print(f"\n{st.steps} engine steps, mean {mean_ms:.0f} ms; {finals} final(s); total {total_s:.1f} s")
+    await engine.aclose()
+    return 0 if finals else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.environ.get("QWEN_ASR_MODEL", DEFAULT_MODEL))
+    p.add_argument(
+        "--wav", default=str(bundled_speech_path()), help="16-bit PCM WAV (default: bundled speech)"
+    )
+    p.add_argument("--speed", type=float, default=1.0, help="pace relative to real time (default 1.0)")
+    p.add_argument("--language", default=None, help="force a language, e.g. en; default auto-detect")
+    p.add_argument("--context", default="", help="context text (names, topic) for the system prompt")
+    p.add_argument("--max-model-len", type=int, default=8192)
+    args = p.parse_args(argv)
+    if args.speed <= 0:
+        p.error("--speed must be > 0")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

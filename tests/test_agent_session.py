@@ -1,0 +1,228 @@
+"""A real `livekit.agents.AgentSession` (no room, no LLM, no TTS) drives our STT plugin.
+
+Offline wiring (livekit-agents 1.8.9): `session.input.audio` is set to an `io.AudioInput` subclass
+before `session.start(agent)`, and `room=` is omitted (`room=None` crashes). With `llm=None` the
+session skips the reply after each user turn. Turn detection is "vad": at each VAD end of speech the
+session flushes our stream (we declare `manual_flush=True`), which emits FINAL_TRANSCRIPT.
+
+The audio is the bundled speech at 48 kHz, twice, with 1.5 s of digital silence between the copies and
+after the second, fed in 20 ms frames paced at real time. It is mono: the session hands the same frames
+to the VAD, and the bundled `inference.VAD` resamples but never downmixes (a stereo frame kills its task
+with "Channel count mismatch: expected 1, got 2"). RoomIO never sends stereo either (its default input
+is 24 kHz mono), so stereo input is covered by the stream-level tests, not here.
+
+The engine is the shared tiny random-weight checkpoint: transcripts are random tokens, so nothing here
+looks at words, only at what flowed where.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+
+import numpy as np
+from livekit import rtc
+from livekit.agents import (
+    Agent,
+    AgentSession,
+    ModelSettings,
+    UserInputTranscribedEvent,
+    UserStateChangedEvent,
+    inference,
+    stt,
+)
+from livekit.agents.metrics import STTMetrics
+from livekit.agents.voice import io
+
+import livekit_qwen_asr
+from livekit_qwen_asr.samples import iter_frames, upsample_to_stereo
+
+RATE = 48_000
+CHANNELS = 1  # see the module docstring
+GAP_S = 1.5  # silence between the two copies and after the second
+PACE = float(
+    __import__("os").environ.get("TPACE", "1.0")
+)  # audio seconds per wall second (real time, as a microphone delivers it)
+WAIT_TIMEOUT_S = 60.0  # after the last frame: the last flush's final + usage must arrive by then
+
+TRANSCRIPT_TYPES = (
+    stt.SpeechEventType.INTERIM_TRANSCRIPT,
+    stt.SpeechEventType.PREFLIGHT_TRANSCRIPT,
+    stt.SpeechEventType.FINAL_TRANSCRIPT,
+)
+
+
+class PacedAudioInput(io.AudioInput):
+    """A microphone stand-in: yields the frames at `pace` x real time, then ends."""
+
+    def __init__(self, frames: list[rtc.AudioFrame], pace: float, on_done) -> None:
+        super().__init__(label="test.PacedAudioInput")
+        self._frames = frames
+        self._pace = pace
+        self._on_done = on_done
+        self._i = 0
+        self._audio_s = 0.0
+        self._t0: float | None = None
+
+    async def __anext__(self) -> rtc.AudioFrame:
+        if self._i >= len(self._frames):
+            self._on_done()  # the session has pushed every frame by now
+            raise StopAsyncIteration
+        loop = asyncio.get_running_loop()
+        if self._t0 is None:
+            self._t0 = loop.time()
+        delay = self._t0 + self._audio_s / self._pace - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing, not synchronisation
+        frame = self._frames[self._i]
+        self._i += 1
+        self._audio_s += frame.samples_per_channel / frame.sample_rate
+        return frame
+
+
+class RecordingAgent(Agent):
+    """The default STT node, recording every event our stream yields on its way into the session."""
+
+    def __init__(self, on_event) -> None:
+        super().__init__(instructions="Transcribe only.")
+        self._on_event = on_event
+
+    async def stt_node(self, audio: AsyncIterable[rtc.AudioFrame], model_settings: ModelSettings):
+        async for ev in Agent.default.stt_node(self, audio, model_settings):
+            self._on_event(ev)
+            yield ev
+
+
+def _two_utterances(speech16k: np.ndarray) -> tuple[list[rtc.AudioFrame], float]:
+    mono48k = upsample_to_stereo(speech16k)[::2]  # L = R
+    silence = np.zeros(int(GAP_S * RATE) * CHANNELS, dtype=np.int16)
+    audio = np.concatenate([mono48k, silence, mono48k, silence])
+    return list(iter_frames(audio, RATE, CHANNELS, (20.0,))), len(audio) / CHANNELS / RATE
+
+
+async def test_agent_session_drives_plugin(engine, speech16k):
+    speech_s = len(speech16k) / 16_000
+    frames, total_s = _two_utterances(speech16k)
+    plugin = livekit_qwen_asr.STT(engine=engine)
+    steps_before = engine.stats.steps
+
+    stt_events: list[stt.SpeechEvent] = []  # what our stream yielded, in order
+    transcribed: list[UserInputTranscribedEvent] = []  # what the session reported
+    metrics: list[STTMetrics] = []
+    user_states: list[str] = []
+    errors: list[object] = []
+    audio_done = False
+    finished = asyncio.Event()
+
+    def check_finished() -> None:
+        # Every frame was pushed, the VAD ended both utterances, the stream answered each of those
+        # flushes (RECOGNITION_USAGE comes last, after FINAL / END_OF_SPEECH), and the session and
+        # the metrics caught up with everything the stream yielded.
+        usage = [e for e in stt_events if e.type == stt.SpeechEventType.RECOGNITION_USAGE]
+        ended = user_states.count("listening")
+        if (
+            audio_done
+            and ended >= 2
+            and user_states[-1] == "listening"
+            and len(usage) >= ended
+            and stt_events[-1].type == stt.SpeechEventType.RECOGNITION_USAGE
+            and len(transcribed) == len(_expected(stt_events))
+            and len(metrics) == len(usage)
+        ):
+            finished.set()
+
+    def on_stt_event(ev: stt.SpeechEvent) -> None:
+        stt_events.append(ev)
+        check_finished()
+
+    def on_transcribed(ev: UserInputTranscribedEvent) -> None:
+        transcribed.append(ev)
+        check_finished()
+
+    def on_user_state(ev: UserStateChangedEvent) -> None:
+        user_states.append(ev.new_state)
+        check_finished()
+
+    def on_metrics(m) -> None:
+        if isinstance(m, STTMetrics):
+            metrics.append(m)
+            check_finished()
+
+    def on_audio_done() -> None:
+        nonlocal audio_done
+        audio_done = True
+        check_finished()
+
+    plugin.on("metrics_collected", on_metrics)
+    plugin.on("error", errors.append)
+
+    session = AgentSession(
+        stt=plugin,
+        # 0.6 s: the espeak pauses inside the speech (<= 0.4 s) do not split it, the 1.5 s gaps do
+        vad=inference.VAD(min_silence_duration=0.6),
+        llm=None,  # no reply: the user turn ends in the chat context and nothing else happens
+        turn_handling={"turn_detection": "vad", "preemptive_generation": {"enabled": False}},
+        user_away_timeout=None,
+    )
+    session.on("user_input_transcribed", on_transcribed)
+    session.on("user_state_changed", on_user_state)
+    session.on("error", errors.append)
+    session.input.audio = PacedAudioInput(frames, PACE, on_audio_done)
+
+    await session.start(RecordingAgent(on_stt_event))
+    try:
+        await asyncio.wait_for(finished.wait(), timeout=total_s / PACE + WAIT_TIMEOUT_S)
+        # Snapshot before closing: aclose() flushes the stream once more (its
+        # session_close_transcript_timeout), and the random model "transcribes" the trailing silence.
+        stt_seen, got = list(stt_events), [(ev.transcript, ev.is_final) for ev in transcribed]
+        metrics_seen, states_seen = list(metrics), list(user_states)
+    finally:
+        await session.aclose()
+        await plugin.aclose()
+
+    print("DEBUGM", [m.audio_duration for m in metrics_seen], got.count, len(got), __import__("sys").stderr)
+    assert not errors, errors
+    assert states_seen == ["speaking", "listening", "speaking", "listening"]  # two user turns
+
+    # The session reported exactly what our stream emitted, in order: interims and preflights as
+    # is_final=False, finals as is_final=True.
+    assert got == _expected(stt_seen)
+    finals = [i for i, (_, is_final) in enumerate(got) if is_final]
+    interims = [i for i, (_, is_final) in enumerate(got) if not is_final]
+    assert finals, f"no final transcript reached the session: {got}"
+    assert interims and interims[0] < finals[0], got
+    assert all(text for text, _ in got)
+
+    # We never flush: the session did, once per VAD end of speech, and each flush closed an utterance.
+    kinds = [e.type for e in stt_seen]
+    n_final = kinds.count(stt.SpeechEventType.FINAL_TRANSCRIPT)
+    assert len(finals) <= n_final <= 2
+    assert kinds.count(stt.SpeechEventType.START_OF_SPEECH) == n_final
+    assert kinds.count(stt.SpeechEventType.END_OF_SPEECH) == n_final
+    assert kinds.count(stt.SpeechEventType.RECOGNITION_USAGE) == 2
+
+    # Usage -> STTMetrics, one per flushed utterance. The metered audio places each flush in the
+    # silence after its copy of the speech: the session flushed at VAD end of speech, and the stream
+    # lost no audio (48 kHz in, counted at 16 kHz).
+    assert len(metrics_seen) == 2, metrics_seen
+    assert all(m.streamed and m.audio_duration > 0 for m in metrics_seen), metrics_seen
+    assert all(m.label == plugin.label for m in metrics_seen)
+    first_flush = metrics_seen[0].audio_duration
+    second_flush = first_flush + metrics_seen[1].audio_duration
+    tol = 0.05
+    assert speech_s - tol <= first_flush <= speech_s + GAP_S + tol, (first_flush, speech_s)
+    assert 2 * speech_s + GAP_S - tol <= second_flush <= total_s + tol, (second_flush, total_s)
+
+    assert engine.stats.steps > steps_before
+
+
+def _expected(stt_events: list[stt.SpeechEvent]) -> list[tuple[str, bool]]:
+    """What the session should report for our stream's events (it drops empty finals)."""
+    out = []
+    for e in stt_events:
+        if e.type in TRANSCRIPT_TYPES and e.alternatives:
+            is_final = e.type == stt.SpeechEventType.FINAL_TRANSCRIPT
+            if is_final and not e.alternatives[0].text:
+                continue
+            out.append((e.alternatives[0].text, is_final))
+    return out
