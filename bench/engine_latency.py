@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import time
@@ -59,7 +60,7 @@ async def main(args: argparse.Namespace) -> dict:
     walls = [s["wall_s"] for s in steps]
     out = {
         "preset": args.preset,
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
+        "machine": f"{platform.machine()} cpus={os.cpu_count()}",
         "engine_startup_s": round(startup, 1),
         "max_new_tokens": args.max_new_tokens,
         "audio_seconds": args.seconds,

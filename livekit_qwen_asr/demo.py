@@ -32,6 +32,10 @@ BANNER = """\
 ================================================================================"""
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def resolve_model(model: str) -> tuple[str, str | None]:
     """(model to load, reason it is synthetic or None). Falls back to the tiny synthetic checkpoint."""
     if Path(model).expanduser().is_dir():
@@ -78,21 +82,24 @@ async def run(args: argparse.Namespace) -> int:
 
     feeder = asyncio.create_task(feed())
     tag = "[synthetic] " if engine.is_synthetic else ""
+    tty = sys.stdout.isatty()
+    clear = "\r\x1b[2K" if tty else ""
+    width = os.get_terminal_size().columns if tty else 200
     finals = 0
     async for ev in stream:
         now = time.perf_counter() - t_start
         if ev.type == lk_stt.SpeechEventType.INTERIM_TRANSCRIPT:
-            text = ev.alternatives[0].text
-            line = f"\r\x1b[2K  {now:6.2f}s interim {tag}{text}"
-            sys.stdout.write(line[: os.get_terminal_size().columns] if sys.stdout.isatty() else line + "\n")
+            line = f"  {now:6.2f}s interim {tag}{_one_line(ev.alternatives[0].text)}"
+            # a terminal redraws the interim in place; a log gets one line per interim
+            sys.stdout.write(f"\r\x1b[2K{line[: width - 1]}" if tty else f"{line[:width]}\n")
             sys.stdout.flush()
         elif ev.type == lk_stt.SpeechEventType.FINAL_TRANSCRIPT:
             a = ev.alternatives[0]
             finals += 1
-            lag = now - min(audio_s / args.speed, now)
+            lag = max(0.0, now - audio_s / args.speed)
             sys.stdout.write(
-                f"\r\x1b[2K  {now:6.2f}s FINAL   {tag}[{a.start_time:.2f}-{a.end_time:.2f}s, "
-                f"lang={a.language or '?'}, {lag:.2f}s after audio end] {a.text}\n"
+                f"{clear}  {now:6.2f}s FINAL   {tag}[{a.start_time:.2f}-{a.end_time:.2f}s, "
+                f"lang={a.language or '?'}, {lag:.2f}s after audio end] {_one_line(a.text)}\n"
             )
         elif ev.type == lk_stt.SpeechEventType.RECOGNITION_USAGE:
             u = ev.recognition_usage

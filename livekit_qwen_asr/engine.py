@@ -210,7 +210,8 @@ class VLLMEngine:
         self._options = options
         self._model_dir = model_dir
         self.startup_s = startup_s
-        self._codec = _HFCodec(llm.get_tokenizer())
+        self._tokenizer = llm.get_tokenizer()
+        self._codec = _HFCodec(self._tokenizer)
         self._template = _load_chat_template(model_dir)
         self._stats = EngineStats()
         self._closed = False
@@ -289,7 +290,7 @@ class VLLMEngine:
 
     def base_prompt(self, context: str) -> str:
         """The checkpoint's chat template applied to the official SDK's messages."""
-        return render_base_prompt(self._llm.get_tokenizer(), self._template, context)
+        return render_base_prompt(self._tokenizer, self._template, context)
 
     async def step(self, request: StepRequest) -> StepResult:
         if self._closed:
@@ -340,7 +341,11 @@ class VLLMEngine:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._llm.shutdown()
+            llm, self._llm = self._llm, None
+            llm.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when module globals are
+            # already torn down, and prints a TypeError; it has nothing left to do after this one.
+            llm.shutdown = lambda *args, **kwargs: None
 
 
 def _map_vllm_error(e: Exception) -> EngineError:

@@ -235,7 +235,9 @@ class STT(stt.STT):
         plan = t.finish_step()
         request_id = _new_id("RQ")
         if plan is not None:
-            result = await _run_step(engine, plan, opts, request_id, conn_options.timeout)
+            # one pass over a long buffer can outlast a streaming step's timeout: allow 1 s per audio second
+            timeout = max(conn_options.timeout, plan.audio_seconds)
+            result = await _run_step(engine, plan, opts, request_id, timeout)
             t.apply(plan, result.text)
         hyp = t.finalize()
         return stt.SpeechEvent(

@@ -281,3 +281,17 @@ def test_absurd_options_are_rejected_at_construction(engine):
         plugin.update_options(chunk_size_sec=-2)
     assert plugin.options.chunk_size_sec == 2.0
     assert plugin.model == engine.model_name and "Qwen3-ASR" in plugin.provider
+
+
+def test_engine_tokenizer_matches_the_one_the_conformance_test_uses(engine, qwen_codec, tiny_checkpoint):
+    """The rollback runs on vLLM's tokenizer in production and on the HF one in the conformance test."""
+    from livekit_qwen_asr.engine import load_chat_template, render_base_prompt
+
+    samples = ["language English<asr_text>hello world", "language Chinese<asr_text>你好鬱龘齉爨", " x\n\ty "]
+    for text in samples:
+        ids = engine.codec.encode(text)
+        assert ids == qwen_codec.encode(text)
+        for end in range(len(ids) + 1):
+            assert engine.codec.decode(ids[:end]) == qwen_codec.decode(ids[:end])
+    template = load_chat_template(tiny_checkpoint)
+    assert engine.base_prompt("ctx") == render_base_prompt(qwen_codec._tok, template, "ctx")
