@@ -31,7 +31,8 @@ from livekit_qwen_asr.synthetic import ensure_checkpoint
 async def main(args: argparse.Namespace) -> dict:
     ckpt = ensure_checkpoint(args.preset)
     t0 = time.perf_counter()
-    engine = await VLLMEngine.start(EngineOptions(model=str(ckpt), max_model_len=8192))
+    eager = {"auto": None, "on": True, "off": False}[args.eager]
+    engine = await VLLMEngine.start(EngineOptions(model=str(ckpt), max_model_len=8192, enforce_eager=eager))
     startup = time.perf_counter() - t0
 
     speech, _, _ = read_wav(bundled_speech_path())
@@ -63,6 +64,7 @@ async def main(args: argparse.Namespace) -> dict:
         "machine": f"{platform.machine()} cpus={os.cpu_count()}",
         "engine_startup_s": round(startup, 1),
         "max_new_tokens": args.max_new_tokens,
+        "enforce_eager": args.eager,
         "audio_seconds": args.seconds,
         "steps": steps,
         "step_wall_p50_s": round(statistics.median(walls), 4),
@@ -78,11 +80,12 @@ if __name__ == "__main__":
     ap.add_argument("--preset", default="tiny", choices=["tiny", "0.6b"])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--eager", default="auto", choices=["auto", "on", "off"], help="vLLM enforce_eager")
     ap.add_argument("--out", default="results")
     a = ap.parse_args()
     res = asyncio.run(main(a))
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    path = Path(a.out) / f"engine_latency_{a.preset}.json"
+    path = Path(a.out) / f"engine_latency_{a.preset}_eager-{a.eager}.json"
     path.write_text(json.dumps(res, indent=1))
     summary = {k: v for k, v in res.items() if k != "steps"}
     print(json.dumps(summary, indent=1))

@@ -77,7 +77,7 @@ class StepPlan:
     prompt: str
     prefix: str
     audio: np.ndarray  # float32, 16 kHz mono: the whole utterance up to the end of this step
-    new_samples: int  # pending samples this step consumes
+    new_samples: int  # pending samples this step consumes (0 for a finish step cut before them)
     new_chunks: int  # chunk count this step advances (0 for a finish step)
     final: bool
     seq: int  # state version the plan was made from
@@ -199,19 +199,26 @@ class StreamingTranscriber:
         prefix = "" if st.chunk_id < self._config.unfixed_chunk_num else self._rollback(st.raw_decoded)
         return StepPlan(self._prompt_raw + prefix, prefix, audio, take, n, False, self._seq)
 
-    def finish_step(self) -> StepPlan | None:
-        """Plan the finish step over every pending sample (a tail shorter than a chunk, or more when
-        the driver fell behind). None when nothing is pending: the last hypothesis is already final."""
+    def finish_step(self, end: int | None = None) -> StepPlan | None:
+        """Plan the finish step over the utterance audio up to `end` (utterance-relative sample; default:
+        everything pending, i.e. a tail shorter than a chunk, or more when the driver fell behind).
+
+        Audio after `end` is carried into the next utterance (see `reset`). When `end` falls inside
+        audio a step already consumed, that step's decode may contain words spoken after `end`, so the
+        finish step then decodes without a prefix. None when nothing is pending and no cut is asked.
+        """
         st = self._state
-        if st.pending.shape[0] == 0:
-            return None
-        audio = np.concatenate([st.audio, st.pending])
-        if st.chunk_id < self._config.unfixed_chunk_num:
+        total = st.audio.shape[0] + st.pending.shape[0]
+        end = total if end is None else min(max(int(end), 0), total)
+        if end == st.audio.shape[0]:
+            return None  # nothing new: the last hypothesis already covers exactly this audio
+        audio = np.concatenate([st.audio, st.pending])[:end]
+        if st.chunk_id < self._config.unfixed_chunk_num or end < st.audio.shape[0]:
             prefix = ""
         else:
             prefix = self._rollback(st.raw_decoded, finish=True)
         return StepPlan(
-            self._prompt_raw + prefix, prefix, audio, int(st.pending.shape[0]), 0, True, self._seq
+            self._prompt_raw + prefix, prefix, audio, max(0, end - st.audio.shape[0]), 0, True, self._seq
         )
 
     def _rollback(self, raw: str, finish: bool = False) -> str:
@@ -233,8 +240,10 @@ class StreamingTranscriber:
         if plan.seq != self._seq:
             raise StaleStepError("the stream state changed since this step was planned")
         st = self._state
+        # audio past the plan's end (arrived meanwhile, or cut off by a finish step) stays pending
+        full = np.concatenate([st.audio, st.pending])
         st.audio = plan.audio
-        st.pending = st.pending[plan.new_samples :]
+        st.pending = full[plan.audio.shape[0] :]
         st.chunk_id += plan.new_chunks if not plan.final else 1
         st.steps += 1
         st.raw_decoded = plan.prefix + (generated_text or "")

@@ -24,10 +24,12 @@ from livekit.agents import (
     stt,
     utils,
 )
+from livekit.agents import vad as lk_vad
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import AudioBuffer, is_given
 
 from .audio import AudioNormalizer, frames_to_16k_mono
+from .endpointing import Action, EndpointingConfig, Finish, Push, Segmenter, Start
 from .engine import (
     DEFAULT_MODEL,
     ASREngine,
@@ -43,6 +45,7 @@ from .prompt import language_code, normalize_language, sanitize_user_text
 from .streaming import SAMPLE_RATE, Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
 
 SYNTHETIC_LABEL = "[synthetic model: not a transcription]"
+VAD_WINDOW = 512  # samples per silero VAD inference at 16 kHz (livekit.local_inference.VAD_WINDOW_SAMPLES)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class STTOptions:
     unfixed_chunk_num: int = 2
     unfixed_token_num: int = 5
     max_new_tokens: int = 64
+    endpointing_ms: int = 500
+    max_utterance_sec: float = 30.0
+    carry_context: bool = False
+    carry_context_chars: int = 200
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -63,9 +70,22 @@ class STTOptions:
             raise InvalidOptionError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.keyterms, str):
             raise InvalidOptionError("keyterms must be a list of strings, not one string")
-        # validates chunk / rollback options and the language
+        if isinstance(self.carry_context_chars, bool) or not isinstance(self.carry_context_chars, int):
+            raise InvalidOptionError(f"carry_context_chars must be an int, got {self.carry_context_chars!r}")
+        if self.carry_context_chars < 0:
+            raise InvalidOptionError(f"carry_context_chars must be >= 0, got {self.carry_context_chars}")
+        # validates chunk / rollback / endpointing options and the language
         object.__setattr__(self, "language", normalize_language(self.language))
         self.streaming_config()
+        self.endpointing_config()
+
+    def endpointing_config(self) -> EndpointingConfig:
+        cut_search = min(4.0, self.max_utterance_sec / 2) if self.max_utterance_sec >= 2 else 1.0
+        return EndpointingConfig(
+            endpointing_ms=self.endpointing_ms,
+            max_utterance_sec=self.max_utterance_sec,
+            cut_search_sec=cut_search,
+        )
 
     def prompt_context(self) -> str:
         """The system-turn text: sanitised context, then the keyterms, one line."""
@@ -107,6 +127,11 @@ class STT(stt.STT):
         unfixed_chunk_num: int = 2,
         unfixed_token_num: int = 5,
         max_new_tokens: int = 64,
+        vad: NotGivenOr[lk_vad.VAD | None] = NOT_GIVEN,
+        endpointing_ms: int = 500,
+        max_utterance_sec: float = 30.0,
+        carry_context: bool = False,
+        carry_context_chars: int = 200,
         engine: ASREngine | None = None,
         engine_options: EngineOptions | None = None,
     ) -> None:
@@ -120,6 +145,12 @@ class STT(stt.STT):
             interim_results: emit INTERIM_TRANSCRIPT after every step.
             chunk_size_sec / unfixed_chunk_num / unfixed_token_num: the official streaming options.
             max_new_tokens: generation cap of a streaming step.
+            vad: VAD for endpointing; default the bundled silero `livekit.agents.inference.VAD()`;
+                None disables endpointing (utterances then end only on flush or the length limit).
+            endpointing_ms: silence that ends an utterance (FINAL follows); 0 disables endpointing.
+            max_utterance_sec: longer utterances are cut between words and continued (no word lost).
+            carry_context: give each utterance the previous final as context (last
+                `carry_context_chars` characters).
             engine: an already started engine to share (else the process-wide vLLM engine).
             engine_options: start-up options of the process-wide engine.
         """
@@ -142,7 +173,16 @@ class STT(stt.STT):
             unfixed_chunk_num=unfixed_chunk_num,
             unfixed_token_num=unfixed_token_num,
             max_new_tokens=max_new_tokens,
+            endpointing_ms=endpointing_ms,
+            max_utterance_sec=max_utterance_sec,
+            carry_context=carry_context,
+            carry_context_chars=carry_context_chars,
         )
+        if not is_given(vad):
+            from livekit.agents import inference
+
+            vad = inference.VAD() if endpointing_ms > 0 else None
+        self._vad = vad
         self._engine = engine
         self._engine_options = engine_options or EngineOptions(model=model)
         self._session_keyterms: tuple[str, ...] = ()
@@ -163,6 +203,10 @@ class STT(stt.STT):
     @property
     def engine(self) -> ASREngine | None:
         return self._engine
+
+    @property
+    def vad(self) -> lk_vad.VAD | None:
+        return self._vad
 
     async def ensure_engine(self) -> ASREngine:
         """The engine, starting the process-wide one on first use (30-60 s on CPU)."""
@@ -204,6 +248,10 @@ class STT(stt.STT):
         unfixed_chunk_num: NotGivenOr[int] = NOT_GIVEN,
         unfixed_token_num: NotGivenOr[int] = NOT_GIVEN,
         max_new_tokens: NotGivenOr[int] = NOT_GIVEN,
+        endpointing_ms: NotGivenOr[int] = NOT_GIVEN,
+        max_utterance_sec: NotGivenOr[float] = NOT_GIVEN,
+        carry_context: NotGivenOr[bool] = NOT_GIVEN,
+        carry_context_chars: NotGivenOr[int] = NOT_GIVEN,
     ) -> None:
         """Change options for new and live streams (live streams apply them at the next utterance)."""
         changes = {k: v for k, v in locals().items() if k != "self" and is_given(v)}
@@ -301,11 +349,14 @@ class _Utterance:
 class SpeechStream(stt.RecognizeStream):
     """One audio track. Frames of any rate/channel count in; events out.
 
-    Frames are downmixed and resampled to 16 kHz mono in `push_frame` (the base class never downmixes)
-    and re-chunked by the transcriber. A step runs whenever a whole chunk is pending; a step still
-    running when the next chunk is due makes the next step cover all audio that arrived meanwhile.
-    `flush()` / `end_input()` run the finish step and emit FINAL_TRANSCRIPT then END_OF_SPEECH.
-    Stream state lives on the object, so the framework's retry of `_run` loses no audio.
+    Frames are downmixed and resampled to 16 kHz mono in `push_frame` (the base class never downmixes).
+    A `Segmenter` routes the audio into utterances: with a VAD, only speech reaches the model and
+    `endpointing_ms` of silence ends an utterance; `flush()` / `end_input()` end one explicitly; an
+    utterance reaching `max_utterance_sec` is cut between words and continued. Within an utterance a
+    step runs whenever a whole chunk is pending; a step still running when the next chunk is due makes
+    the next step cover all audio that arrived meanwhile. Each utterance ends with its finish step,
+    FINAL_TRANSCRIPT, END_OF_SPEECH and RECOGNITION_USAGE. Stream state lives on the object, so the
+    framework's retry of `_run` loses no audio.
     """
 
     def __init__(self, *, stt: STT, opts: STTOptions, conn_options: APIConnectOptions) -> None:
@@ -315,14 +366,21 @@ class SpeechStream(stt.RecognizeStream):
         self._next_opts: STTOptions | None = None
         self._stream_id = _new_id("QS")
         self._normalizer = AudioNormalizer()
+        self._segmenter = Segmenter(opts.endpointing_config(), use_vad=stt.vad is not None)
+        self._vad_stream: lk_vad.VADStream | None = None
+        self._vad_task: asyncio.Task[None] | None = None
+        self._vad_drained = asyncio.Event()
+        self._vad_progress = asyncio.Condition()
         self._transcriber: StreamingTranscriber | None = None
         self._engine: ASREngine | None = None
-        self._samples_consumed = 0  # 16 kHz samples of finished utterances
         self._utt = _Utterance(_new_id("SG"), 0)
-        self._finish_pending = False
+        self._pending_finish: Finish | None = None  # a finish that must complete (redone on retry)
+        self._carry_context = ""
+        self._route_lock = asyncio.Lock()
         self._step_lock = asyncio.Lock()
         self._audio_ready = asyncio.Event()
         self._user_offset = 0.0
+        self.finals_emitted = 0
 
     # The base class adds the duration of failed runs to `_start_time_offset` (for providers whose
     # clock restarts per connection). Our clock is the audio itself and never restarts, so times are
@@ -354,8 +412,13 @@ class SpeechStream(stt.RecognizeStream):
     def _apply_next_opts(self) -> None:
         if self._next_opts is not None:
             self._opts, self._next_opts = self._next_opts, None
-            if self._transcriber is not None:
-                self._transcriber.configure(self._opts.streaming_config())
+            self._segmenter.config = self._segmenter.endpointer.config = self._opts.endpointing_config()
+        if self._transcriber is not None:
+            config = self._opts.streaming_config()
+            if self._carry_context:
+                sep = "\n" if config.context else ""
+                config = dataclasses.replace(config, context=f"{config.context}{sep}{self._carry_context}")
+            self._transcriber.configure(config)
 
     # -- input -----------------------------------------------------------------------------------
     def push_frame(self, frame: rtc.AudioFrame) -> None:
@@ -381,6 +444,13 @@ class SpeechStream(stt.RecognizeStream):
             self._input_ch.send_nowait(tail)  # type: ignore[arg-type]
         self._input_ch.send_nowait(self._FlushSentinel())
 
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._vad_task is not None:
+            await utils.aio.cancel_and_wait(self._vad_task)
+        if self._vad_stream is not None:
+            await self._vad_stream.aclose()
+
     # -- run loop --------------------------------------------------------------------------------
     async def _run(self) -> None:
         engine = await self._stt_ref.ensure_engine()
@@ -390,27 +460,83 @@ class SpeechStream(stt.RecognizeStream):
             self._transcriber = StreamingTranscriber(
                 self._opts.streaming_config(), engine.codec, engine.base_prompt
             )
-        if self._finish_pending:  # a retry after a failed finish step
-            await self._finish_utterance()
+            self._apply_next_opts()
+            if self._segmenter.use_vad and self._stt_ref.vad is not None:
+                self._vad_stream = self._stt_ref.vad.stream()
+        if self._pending_finish is not None:  # a retry after a failed finish step
+            async with self._route_lock:
+                await self._finish_utterance(self._pending_finish)
         self._audio_ready.set()  # audio buffered before a retry is stepped at once
-        reader = asyncio.create_task(self._read_input(), name="qwen_asr.read_input")
-        stepper = asyncio.create_task(self._step_loop(), name="qwen_asr.step_loop")
+        tasks = [
+            asyncio.create_task(self._read_input(), name="qwen_asr.read_input"),
+            asyncio.create_task(self._step_loop(), name="qwen_asr.step_loop"),
+        ]
+        if self._vad_stream is not None:
+            tasks.append(asyncio.create_task(self._vad_loop(), name="qwen_asr.vad_loop"))
         try:
-            done, _ = await asyncio.wait({reader, stepper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
                 t.result()
         finally:
-            await utils.aio.cancel_and_wait(reader, stepper)
+            await utils.aio.cancel_and_wait(*tasks)
 
     async def _read_input(self) -> None:
-        assert self._transcriber is not None
         async for item in self._input_ch:
             if isinstance(item, self._FlushSentinel):
-                self._finish_pending = True
-                await self._finish_utterance()
+                await self._wait_vad_judged(self._segmenter.timeline.end)
+                async with self._route_lock:
+                    await self._execute(self._segmenter.on_flush())
             else:
-                self._transcriber.push_audio(item)  # type: ignore[arg-type]
+                if self._vad_stream is not None:
+                    self._vad_stream.push_frame(rtc.AudioFrame(item.tobytes(), SAMPLE_RATE, 1, len(item)))  # type: ignore[union-attr]
+                async with self._route_lock:
+                    await self._execute(self._segmenter.on_audio(item))  # type: ignore[arg-type]
+        # end of input: let the VAD judge every sample, then end the last utterance
+        if self._vad_stream is not None:
+            self._vad_stream.end_input()
+            await self._vad_drained.wait()
+        async with self._route_lock:
+            await self._execute(self._segmenter.on_flush())
+
+    async def _vad_loop(self) -> None:
+        assert self._vad_stream is not None
+        async for ev in self._vad_stream:
+            if ev.type == lk_vad.VADEventType.INFERENCE_DONE:
+                async with self._route_lock:
+                    await self._execute(self._segmenter.on_vad(ev.samples_index, ev.probability))
+                async with self._vad_progress:
+                    self._vad_progress.notify_all()
+        self._vad_drained.set()
+        async with self._vad_progress:
+            self._vad_progress.notify_all()
+
+    async def _wait_vad_judged(self, position: int) -> None:
+        """Wait until the VAD has judged every whole window before `position` (it runs behind the
+        audio), so a flush applies to exactly the audio pushed before it."""
+        if self._vad_stream is None:
+            return
+        target = position - position % VAD_WINDOW
+        async with self._vad_progress:
+            await self._vad_progress.wait_for(
+                lambda: self._segmenter.endpointer.position >= target or self._vad_drained.is_set()
+            )
+
+    async def _execute(self, actions: list[Action]) -> None:
+        """Carry out the segmenter's decisions in order (caller holds the route lock)."""
+        t = self._transcriber
+        assert t is not None
+        for action in actions:
+            if isinstance(action, Push):
+                t.push_audio(action.samples)
                 self._audio_ready.set()
+                cut = self._segmenter.cut_due(t.utterance_samples)
+                if cut is not None:
+                    await self._finish_utterance(cut)
+            elif isinstance(action, Start):
+                self._utt = _Utterance(_new_id("SG"), action.sample)
+                self._ensure_speaking()
+            else:
+                await self._finish_utterance(action)
 
     async def _step_loop(self) -> None:
         t = self._transcriber
@@ -433,20 +559,23 @@ class SpeechStream(stt.RecognizeStream):
         self._utt.generated_tokens += result.generated_tokens
         return result
 
-    async def _finish_utterance(self) -> None:
+    async def _finish_utterance(self, finish: Finish) -> None:
+        """Finish step (up to `finish.sample`), FINAL + END_OF_SPEECH + usage, then a fresh utterance."""
         t = self._transcriber
         assert t is not None
+        self._pending_finish = finish
         async with self._step_lock:
-            plan = t.finish_step()
+            utt = self._utt
+            plan = t.finish_step(finish.sample - utt.start_sample)
             if plan is not None:
                 result = await self._step(plan)
                 t.apply(plan, result.text)
             final = t.finalize()
-            utt = self._utt
             if final.text or utt.speaking:
                 self._ensure_speaking()
                 self._send(stt.SpeechEventType.FINAL_TRANSCRIPT, final)
                 self._send(stt.SpeechEventType.END_OF_SPEECH)
+                self.finals_emitted += 1
             audio_s = t.utterance_samples / SAMPLE_RATE
             if audio_s > 0:
                 usage = stt.RecognitionUsage(
@@ -459,11 +588,20 @@ class SpeechStream(stt.RecognizeStream):
                         recognition_usage=usage,
                     )
                 )
-            self._samples_consumed += t.utterance_samples
-            t.reset()
-            self._utt = _Utterance(_new_id("SG"), self._samples_consumed)
-            self._finish_pending = False
+            t.reset()  # audio after a forced cut stays pending: it opens the next utterance
+            self._utt = _Utterance(_new_id("SG"), finish.sample)
+            if finish.reason == "max_length":
+                self._ensure_speaking()  # speech goes on without a pause
+            if self._opts.carry_context and final.text:
+                self._carry_context = sanitize_user_text(final.text)[
+                    -self._opts.carry_context_chars :
+                ].strip()
+            self._pending_finish = None
             self._apply_next_opts()
+            logger.debug(
+                "utterance finished",
+                extra={"stream": self._stream_id, "reason": finish.reason, "audio_s": round(audio_s, 2)},
+            )
 
     # -- events ----------------------------------------------------------------------------------
     def _ensure_speaking(self) -> None:
@@ -493,9 +631,5 @@ class SpeechStream(stt.RecognizeStream):
             synthetic = bool(self._engine is not None and self._engine.is_synthetic)
             alts = [_speech_data(hyp, self._opts, start, synthetic, text)]
         self._event_ch.send_nowait(
-            stt.SpeechEvent(
-                type=kind, request_id=self._utt.request_id, alternatives=alts, speech_end_time=None
-            )
+            stt.SpeechEvent(type=kind, request_id=self._utt.request_id, alternatives=alts)
         )
-        if kind == stt.SpeechEventType.FINAL_TRANSCRIPT:
-            logger.debug("final", extra={"stream": self._stream_id, "chars": len(alts[0].text)})

@@ -57,7 +57,7 @@ async def paced_feed(stream, rec: RecordingEngine, mono16k: np.ndarray) -> int:
 
 async def test_stream_48k_stereo_events_audio_and_timing(engine, speech16k):
     rec = RecordingEngine(engine)
-    plugin = STT(engine=rec)
+    plugin = STT(engine=rec, vad=None)
     stream = plugin.stream()
     stream.start_time_offset = 3.0
     events_task = asyncio.create_task(collect(stream))
@@ -102,7 +102,7 @@ async def test_stream_48k_stereo_events_audio_and_timing(engine, speech16k):
 
 async def test_flush_splits_utterances_with_fresh_audio(engine, speech16k):
     rec = RecordingEngine(engine)
-    stream = STT(engine=rec).stream()
+    stream = STT(engine=rec, vad=None).stream()
     part = speech16k[: 5 * SR]
     task = asyncio.create_task(collect(stream))
     for f in stereo_frames(part):
@@ -123,7 +123,7 @@ async def test_flush_splits_utterances_with_fresh_audio(engine, speech16k):
 
 async def test_concurrent_streams_share_the_engine_and_batch(engine, speech16k):
     rec = RecordingEngine(engine)
-    plugin = STT(engine=rec)
+    plugin = STT(engine=rec, vad=None)
     streams = [plugin.stream() for _ in range(4)]
     tasks = [asyncio.create_task(collect(s)) for s in streams]
     frames = stereo_frames(speech16k[: 8 * SR])
@@ -155,7 +155,7 @@ async def test_engine_failure_is_retried_without_losing_audio(engine, speech16k)
         return EngineError("injected failure") if attempt in fail else None
 
     rec = RecordingEngine(engine, fault=fault)
-    plugin = STT(engine=rec)
+    plugin = STT(engine=rec, vad=None)
     errors: list[stt.STTError] = []
     plugin.on("error", errors.append)
     stream = plugin.stream(conn_options=FAST_RETRY)
@@ -172,7 +172,7 @@ async def test_engine_failure_is_retried_without_losing_audio(engine, speech16k)
 async def test_step_timeout_is_retried(engine, speech16k):
     rec = RecordingEngine(engine)
     rec.hang_once = asyncio.Event()
-    plugin = STT(engine=rec)
+    plugin = STT(engine=rec, vad=None)
     errors: list[stt.STTError] = []
     plugin.on("error", errors.append)
     stream = plugin.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.05, timeout=0.5))
@@ -188,7 +188,7 @@ async def test_step_timeout_is_retried(engine, speech16k):
 
 async def test_rejected_request_is_not_retried(engine, speech16k):
     rec = RecordingEngine(engine, fault=lambda attempt, req: RequestRejectedError("too long"))
-    plugin = STT(engine=rec)
+    plugin = STT(engine=rec, vad=None)
     errors: list[stt.STTError] = []
     plugin.on("error", errors.append)
     stream = plugin.stream(conn_options=FAST_RETRY)
@@ -203,7 +203,7 @@ async def test_rejected_request_is_not_retried(engine, speech16k):
 
 async def test_recognize_offline_buffer(engine, speech16k):
     rec = RecordingEngine(engine)
-    ev = await STT(engine=rec).recognize(stereo_frames(speech16k[: 6 * SR]))
+    ev = await STT(engine=rec, vad=None).recognize(stereo_frames(speech16k[: 6 * SR]))
     assert ev.type == E.FINAL_TRANSCRIPT and len(rec.requests) == 1
     req = rec.requests[0]
     assert abs(req.audio.shape[0] - 6 * SR) <= 2 and req.prompt.endswith("assistant\n")
@@ -212,7 +212,7 @@ async def test_recognize_offline_buffer(engine, speech16k):
 
 async def test_update_options_reaches_live_stream_at_next_utterance(engine, speech16k):
     rec = RecordingEngine(engine)
-    plugin = STT(engine=rec)
+    plugin = STT(engine=rec, vad=None)
     stream = plugin.stream()
     task = asyncio.create_task(collect(stream))
     for f in stereo_frames(speech16k[: 3 * SR]):
@@ -234,7 +234,7 @@ async def test_update_options_reaches_live_stream_at_next_utterance(engine, spee
 
 async def test_bad_frames_and_rate_change(engine, speech16k):
     rec = RecordingEngine(engine)
-    stream = STT(engine=rec).stream()
+    stream = STT(engine=rec, vad=None).stream()
     task = asyncio.create_task(collect(stream))
     with pytest.raises(InvalidAudioError):
         stream.push_frame(rtc.AudioFrame(b"\0\0" * 2, 0, 1, 2))
