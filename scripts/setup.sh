@@ -11,6 +11,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
+# Test speech tools (espeak-ng, sox) for the multi-speaker tests; Debian packages.
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null
+  else
+    echo "warning: espeak-ng and sox are needed by the tests (apt-get install espeak-ng sox)" >&2
+  fi
+fi
 STAMP=".venv/.installed-$STACK-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   python -m pip install -q -U pip
