@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from livekit_qwen_asr.endpointing import (
-    EndpointingConfig,
     Endpointer,
+    EndpointingConfig,
     Finish,
     Push,
     Segmenter,

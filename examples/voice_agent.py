@@ -1,0 +1,95 @@
+"""A voice agent that hears through Qwen3-ASR: `AgentSession` with our STT, turn detection and
+preemptive generation fed by our preflight transcripts.
+
+    export LIVEKIT_URL=... LIVEKIT_API_KEY=... LIVEKIT_API_SECRET=...
+    python examples/voice_agent.py dev        # or: start / console
+
+The STT streams partial text while the user talks. Its PREFLIGHT_TRANSCRIPT (the stable prefix the
+next step keeps) lets the session start the LLM reply before the user's turn is confirmed
+(`preemptive_generation`); the turn detector decides when the turn ends, and the session's VAD
+flushes our stream at end of speech (the final follows). Our own endpointing is off by default here
+(QWEN_ASR_ENDPOINTING_MS=0): the session already runs a VAD and owns turn-taking.
+
+The LLM and TTS go through LiveKit Inference (VOICE_AGENT_LLM / VOICE_AGENT_TTS, model strings as
+AgentSession accepts them). The engine is loaded once per worker process in prewarm and shared by all
+sessions of that process (see agent.py, whose `LoopThreadEngine` this reuses).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from livekit.agents import (
+    Agent,
+    AgentServer,
+    AgentSession,
+    JobContext,
+    JobProcess,
+    cli,
+    inference,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent.py lives at the repo root
+from agent import LoopThreadEngine, Settings  # noqa: E402
+from livekit_qwen_asr import STT  # noqa: E402
+
+
+def _settings() -> Settings:
+    os.environ.setdefault("QWEN_ASR_ENDPOINTING_MS", "0")
+    return Settings.from_env()
+
+
+class Assistant(Agent):
+    def __init__(self) -> None:
+        super().__init__(
+            instructions="You are a helpful voice assistant. Answer briefly, in plain spoken sentences."
+        )
+
+
+def prewarm(proc: JobProcess) -> None:
+    settings = _settings()
+    engine = LoopThreadEngine.shared(settings.engine_options())
+    proc.userdata["vad"] = inference.VAD()
+    engine.wait_ready(settings.load_timeout)
+    proc.userdata["qwen_asr_engine"] = engine
+
+
+async def entrypoint(ctx: JobContext) -> None:
+    settings = _settings()
+    engine: LoopThreadEngine = ctx.proc.userdata["qwen_asr_engine"]
+    stt = STT(
+        engine=engine,
+        language=settings.language,
+        context=settings.context,
+        endpointing_ms=settings.endpointing_ms,
+        max_utterance_sec=settings.max_utterance_sec,
+    )
+    session = AgentSession(
+        stt=stt,
+        vad=ctx.proc.userdata["vad"],
+        llm=os.environ.get("VOICE_AGENT_LLM", "openai/gpt-4.1-mini"),
+        tts=os.environ.get("VOICE_AGENT_TTS", "cartesia/sonic-3"),
+        turn_handling={
+            "turn_detection": inference.TurnDetector(),
+            "preemptive_generation": {"enabled": True},
+        },
+    )
+    await session.start(agent=Assistant(), room=ctx.room)  # connects the job to the room
+    await session.generate_reply(instructions="Greet the user and offer your help.")
+
+
+def main() -> None:
+    settings = _settings()
+    server = AgentServer(
+        setup_fnc=prewarm,
+        job_executor_type=settings.executor_type,
+        initialize_process_timeout=settings.load_timeout,
+    )
+    server.rtc_session(entrypoint)
+    cli.run_app(server)
+
+
+if __name__ == "__main__":
+    main()
