@@ -37,7 +37,7 @@ from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorTy
 
 from livekit_qwen_asr import STT, ASREngine, EngineOptions, StepRequest, StepResult, VLLMEngine
 from livekit_qwen_asr.captioner import RoomCaptioner
-from livekit_qwen_asr.engine import DEFAULT_MODEL
+from livekit_qwen_asr.engine import DEFAULT_MODEL, EngineProxy
 
 logger = logging.getLogger("qwen-asr-captioner")
 
@@ -129,7 +129,7 @@ def apply_cli(argv: list[str]) -> list[str]:
 EngineStarter = Callable[[EngineOptions], Awaitable[ASREngine]]
 
 
-class LoopThreadEngine:
+class LoopThreadEngine(EngineProxy):
     """An `ASREngine` whose vLLM engine runs on a dedicated event-loop thread, usable from any loop.
 
     `shared(options)` starts loading at most once per process; `wait_ready()` blocks until it is up
@@ -178,21 +178,6 @@ class LoopThreadEngine:
     @property
     def model_name(self) -> str:
         return self.options.model
-
-    @property
-    def codec(self):
-        return self.inner.codec
-
-    @property
-    def stats(self):
-        return self.inner.stats
-
-    @property
-    def is_synthetic(self) -> bool:
-        return self.inner.is_synthetic
-
-    def base_prompt(self, context: str) -> str:
-        return self.inner.base_prompt(context)
 
     async def step(self, request: StepRequest) -> StepResult:
         fut = asyncio.run_coroutine_threadsafe(self.inner.step(request), self._loop)

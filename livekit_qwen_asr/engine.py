@@ -108,6 +108,38 @@ class ASREngine(Protocol):
     async def aclose(self) -> None: ...
 
 
+class EngineProxy:
+    """Base for engines that wrap another one (instrumentation, a thread hop, a remote hop): every
+    protocol member delegates to `inner`. Closing a proxy leaves the wrapped engine to its owner."""
+
+    inner: ASREngine
+
+    @property
+    def model_name(self) -> str:
+        return self.inner.model_name
+
+    @property
+    def codec(self) -> TokenCodec:
+        return self.inner.codec
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.inner.stats
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.inner.is_synthetic
+
+    def base_prompt(self, context: str) -> str:
+        return self.inner.base_prompt(context)
+
+    async def step(self, request: StepRequest) -> StepResult:
+        return await self.inner.step(request)
+
+    async def aclose(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Start-up options. `None` means: the platform default noted beside it."""

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from livekit_qwen_asr.engine import ASREngine, EngineStats, StepRequest, StepResult
+from livekit_qwen_asr.engine import ASREngine, EngineProxy, StepRequest, StepResult
 
 
-class RecordingEngine:
+class RecordingEngine(EngineProxy):
     """Delegates to a real engine and records requests/results; lets tests await step completions."""
 
     def __init__(
@@ -22,25 +22,6 @@ class RecordingEngine:
         self._fault = fault
         self._done = asyncio.Condition()
         self.hang_once: asyncio.Event | None = None
-
-    @property
-    def model_name(self) -> str:
-        return self.inner.model_name
-
-    @property
-    def codec(self):
-        return self.inner.codec
-
-    @property
-    def stats(self) -> EngineStats:
-        return self.inner.stats
-
-    @property
-    def is_synthetic(self) -> bool:
-        return self.inner.is_synthetic
-
-    def base_prompt(self, context: str) -> str:
-        return self.inner.base_prompt(context)
 
     async def step(self, request: StepRequest) -> StepResult:
         attempt = self.attempts
@@ -61,6 +42,3 @@ class RecordingEngine:
         async with asyncio.timeout(timeout):
             async with self._done:
                 await self._done.wait_for(lambda: len(self.results) >= n)
-
-    async def aclose(self) -> None:  # the shared engine belongs to the test session
-        pass
