@@ -39,6 +39,10 @@ class StepRequest:
     audio: np.ndarray  # float32, 16 kHz mono
     max_tokens: int
     stream_id: str = ""
+    # Optional split of `audio` into consecutive items (e.g. completed 8 s encoder windows + the open
+    # one). Each item gets its own `<|audio_pad|>` inside the one audio span, so vLLM hashes (and
+    # caches) each separately. Needs EngineOptions.max_audio_items >= len(items).
+    audio_items: tuple[np.ndarray, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class EngineOptions:
     cpu_threads: str | None = None  # CPU only: cores for OMP, e.g. "0-1"; default all cores
     enforce_eager: bool | None = None  # default True on CPU (fast start), False on GPU
     enable_prefix_caching: bool = True
+    max_audio_items: int = 1  # audio items per request (see StepRequest.audio_items)
     extra: tuple[tuple[str, Any], ...] = ()  # more AsyncEngineArgs, as (name, value) pairs
 
     def __post_init__(self) -> None:
@@ -274,7 +279,7 @@ class VLLMEngine:
             dtype=options.dtype,
             max_model_len=options.max_model_len,
             enable_prefix_caching=options.enable_prefix_caching,
-            limit_mm_per_prompt={"audio": 1},
+            limit_mm_per_prompt={"audio": max(1, options.max_audio_items)},
             enforce_eager=(not cuda) if options.enforce_eager is None else options.enforce_eager,
         )
         if options.max_num_seqs is not None:
@@ -331,6 +336,18 @@ class VLLMEngine:
 
         params = SamplingParams(temperature=0.0, max_tokens=max(1, int(request.max_tokens)))
         prompt = {"prompt": request.prompt, "multi_modal_data": {"audio": [(request.audio, SAMPLE_RATE)]}}
+        if request.audio_items is not None:
+            items = request.audio_items
+            if not 1 <= len(items) <= self._options.max_audio_items:
+                raise RequestRejectedError(
+                    f"{len(items)} audio items; engine allows {self._options.max_audio_items}"
+                )
+            one_pad = AUDIO_PLACEHOLDER
+            many = "<|audio_start|>" + "<|audio_pad|>" * len(items) + "<|audio_end|>"
+            prompt = {
+                "prompt": request.prompt.replace(one_pad, many, 1),
+                "multi_modal_data": {"audio": [(x, SAMPLE_RATE) for x in items]},
+            }
         st = self._stats
         st.in_flight += 1
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
