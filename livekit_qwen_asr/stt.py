@@ -368,7 +368,6 @@ class SpeechStream(stt.RecognizeStream):
         self._normalizer = AudioNormalizer()
         self._segmenter = Segmenter(opts.endpointing_config(), use_vad=stt.vad is not None)
         self._vad_stream: lk_vad.VADStream | None = None
-        self._vad_task: asyncio.Task[None] | None = None
         self._vad_drained = asyncio.Event()
         self._vad_progress = asyncio.Condition()
         self._transcriber: StreamingTranscriber | None = None
@@ -380,7 +379,6 @@ class SpeechStream(stt.RecognizeStream):
         self._step_lock = asyncio.Lock()
         self._audio_ready = asyncio.Event()
         self._user_offset = 0.0
-        self.finals_emitted = 0
 
     # The base class adds the duration of failed runs to `_start_time_offset` (for providers whose
     # clock restarts per connection). Our clock is the audio itself and never restarts, so times are
@@ -446,8 +444,6 @@ class SpeechStream(stt.RecognizeStream):
 
     async def aclose(self) -> None:
         await super().aclose()
-        if self._vad_task is not None:
-            await utils.aio.cancel_and_wait(self._vad_task)
         if self._vad_stream is not None:
             await self._vad_stream.aclose()
 
@@ -460,7 +456,6 @@ class SpeechStream(stt.RecognizeStream):
             self._transcriber = StreamingTranscriber(
                 self._opts.streaming_config(), engine.codec, engine.base_prompt
             )
-            self._apply_next_opts()
             if self._segmenter.use_vad and self._stt_ref.vad is not None:
                 self._vad_stream = self._stt_ref.vad.stream()
         if self._pending_finish is not None:  # a retry after a failed finish step
@@ -575,7 +570,6 @@ class SpeechStream(stt.RecognizeStream):
                 self._ensure_speaking()
                 self._send(stt.SpeechEventType.FINAL_TRANSCRIPT, final)
                 self._send(stt.SpeechEventType.END_OF_SPEECH)
-                self.finals_emitted += 1
             audio_s = t.utterance_samples / SAMPLE_RATE
             if audio_s > 0:
                 usage = stt.RecognitionUsage(
