@@ -87,9 +87,7 @@ async def main() -> None:
             ("C features, 8 s items", split),
         ):
             same = r[0] == raw[0]
-            print(
-                f"{seconds:>3} s  {name:32s} same tokens as A: {same}  cached {r[1]:4d} / {r[2]} prompt tokens"
-            )
+            print(f"{seconds:>3} s  {name:32s} same tokens as A: {same}  cached {r[1]:4d} / {r[2]} prompt")
     await engine.aclose()
 
 
