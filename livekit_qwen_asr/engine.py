@@ -399,7 +399,7 @@ class VLLMEngine:
 
 def _map_vllm_error(e: Exception) -> EngineError:
     name = type(e).__name__
-    if name in ("EngineDeadError", "EngineGenerateError") and "Dead" in name:
+    if name == "EngineDeadError":
         return EngineUnavailableError(f"vLLM engine died: {e}")
     if isinstance(e, ValueError | TypeError):
         # input validation (e.g. prompt longer than max_model_len): the same request would fail again

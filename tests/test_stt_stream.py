@@ -19,6 +19,7 @@ from livekit_qwen_asr.engine import RequestRejectedError
 from livekit_qwen_asr.errors import EngineError
 from livekit_qwen_asr.prompt import parse_output
 from livekit_qwen_asr.samples import iter_frames, upsample_to_stereo
+from livekit_qwen_asr.synthetic import SPECIAL_TOKEN_IDS
 
 from .engine_wrappers import RecordingEngine
 
@@ -262,7 +263,7 @@ async def test_context_and_keyterms_cannot_change_prompt_structure(engine):
     prompt = engine.base_prompt(ctx)
     ids = engine.codec.encode(prompt)
     baseline = engine.codec.encode(engine.base_prompt("plain"))
-    special = {151644, 151645, 151669, 151670, 151676, 151704}
+    special = set(SPECIAL_TOKEN_IDS.values())
     assert [i for i in ids if i in special] == [i for i in baseline if i in special]
     assert "Qwen" in prompt
 
