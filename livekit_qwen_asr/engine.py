@@ -11,6 +11,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import math
 import os
 import time
 import uuid
@@ -26,6 +27,16 @@ from .errors import (
     InvalidOptionError,
     RequestRejectedError,
 )
+from .features import (
+    CONV_FRAMES,
+    HOP,
+    N_FFT,
+    TOKENS_PER_WINDOW,
+    WINDOW_FRAMES,
+    FeatureCache,
+    output_tokens,
+    self_check,
+)
 from .log import logger
 from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
 from .streaming import SAMPLE_RATE, TokenCodec
@@ -36,13 +47,12 @@ DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
 @dataclass(frozen=True)
 class StepRequest:
     prompt: str
-    audio: np.ndarray  # float32, 16 kHz mono
+    audio: np.ndarray  # float32, 16 kHz mono: the whole utterance so far
     max_tokens: int
-    stream_id: str = ""
-    # Optional split of `audio` into consecutive items (e.g. completed 8 s encoder windows + the open
-    # one). Each item gets its own `<|audio_pad|>` inside the one audio span, so vLLM hashes (and
-    # caches) each separately. Needs EngineOptions.max_audio_items >= len(items).
-    audio_items: tuple[np.ndarray, ...] | None = None
+    stream_id: str = ""  # keys per-stream caches (see ASREngine.release_stream); "" = none
+    # False sends the audio as one raw item, exactly as the official SDK loop does (the benchmark's
+    # baseline); True lets an engine that supports it reuse completed encoder windows (exact).
+    reuse_windows: bool = True
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,10 @@ class StepResult:
     audio_seconds: float
     started_at: float  # time.monotonic()
     finished_at: float
+    audio_items: int = 1
+    # audio seconds whose audio tokens were not all served from the prefix cache, i.e. that the audio
+    # encoder had to produce (an upper bound: vLLM's encoder cache may still have some of them)
+    encoded_seconds: float = 0.0
 
     @property
     def wall_s(self) -> float:
@@ -72,6 +86,7 @@ class EngineStats:
     cached_tokens: int = 0
     generated_tokens: int = 0
     audio_seconds: float = 0.0
+    encoded_seconds: float = 0.0
     # (stream_id, started_at, finished_at) of recent steps, oldest first
     recent: collections.deque[tuple[str, float, float]] = field(
         default_factory=lambda: collections.deque(maxlen=4096)
@@ -109,6 +124,10 @@ class ASREngine(Protocol):
 
     async def step(self, request: StepRequest) -> StepResult: ...
 
+    def release_stream(self, stream_id: str) -> None:
+        """Drop what the engine keeps for a stream between steps (called when an utterance ends)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -140,6 +159,13 @@ class EngineProxy:
     async def step(self, request: StepRequest) -> StepResult:
         return await self.inner.step(request)
 
+    def release_stream(self, stream_id: str) -> None:
+        try:
+            inner = self.inner
+        except Exception:  # e.g. an engine still loading or failed to start: it holds nothing
+            return
+        inner.release_stream(stream_id)
+
     async def aclose(self) -> None:
         pass
 
@@ -157,7 +183,8 @@ class EngineOptions:
     cpu_threads: str | None = None  # CPU only: cores for OMP, e.g. "0-1"; default all cores
     enforce_eager: bool | None = None  # default True on CPU (fast start), False on GPU
     enable_prefix_caching: bool = True
-    max_audio_items: int = 1  # audio items per request (see StepRequest.audio_items)
+    # Exact reuse of completed 8 s encoder windows across steps (features.py); needs prefix caching.
+    reuse_windows: bool = True
     extra: tuple[tuple[str, Any], ...] = ()  # more AsyncEngineArgs, as (name, value) pairs
 
     def __post_init__(self) -> None:
@@ -230,6 +257,40 @@ def load_chat_template(model_dir: Path | None) -> str | None:
     return _load_chat_template(model_dir)
 
 
+def _feature_cache(options: EngineOptions, model_dir: Path | None) -> FeatureCache | None:
+    """Per-stream feature state for window reuse, with the checkpoint's own mel filters — only when
+    the checkpoint is laid out as features.py assumes and our features are bit-identical here."""
+    if not options.reuse_windows:
+        return None
+    from transformers import WhisperFeatureExtractor
+
+    source = str(model_dir or options.model)
+    try:
+        fe = WhisperFeatureExtractor.from_pretrained(source)
+        pre = json.loads(Path(source, "preprocessor_config.json").read_text()) if model_dir else {}
+        config = json.loads(Path(source, "config.json").read_text()) if model_dir else {}
+    except Exception as e:
+        logger.warning("window reuse disabled: no feature extractor config", extra={"error": str(e)})
+        return None
+    audio_cfg = config.get("thinker_config", config).get("audio_config", {})
+    why = None
+    if pre.get("feature_extractor_type", "WhisperFeatureExtractor") != "WhisperFeatureExtractor":
+        why = f"feature extractor {pre.get('feature_extractor_type')}"
+    elif (fe.n_fft, fe.hop_length, fe.sampling_rate, fe.dither) != (N_FFT, HOP, SAMPLE_RATE, 0.0):
+        why = "feature extractor settings differ from Qwen3-ASR's"
+    elif (audio_cfg.get("n_window", 50), audio_cfg.get("n_window_infer", 800)) != (
+        CONV_FRAMES // 2,
+        WINDOW_FRAMES,
+    ):
+        why = "encoder windows differ from Qwen3-ASR's (n_window 50, n_window_infer 800)"
+    else:
+        why = self_check(fe.mel_filters, fe)
+    if why is not None:
+        logger.warning("window reuse disabled, sending raw audio", extra={"reason": why})
+        return None
+    return FeatureCache(fe.mel_filters)
+
+
 def synthetic_marker(model_dir: Path | None) -> bool:
     if model_dir is None or not (model_dir / "config.json").is_file():
         return False
@@ -253,6 +314,8 @@ class VLLMEngine:
         self._stats = EngineStats()
         self._closed = False
         self._synthetic = synthetic_marker(model_dir)
+        self._audio_start_id = self._tokenizer.convert_tokens_to_ids("<|audio_start|>")
+        self._features = _feature_cache(options, model_dir)
         probe = self.base_prompt("")
         if probe.count(AUDIO_PLACEHOLDER) != 1:
             raise EngineUnavailableError(f"chat template renders no single audio placeholder: {probe!r}")
@@ -279,7 +342,7 @@ class VLLMEngine:
             dtype=options.dtype,
             max_model_len=options.max_model_len,
             enable_prefix_caching=options.enable_prefix_caching,
-            limit_mm_per_prompt={"audio": max(1, options.max_audio_items)},
+            limit_mm_per_prompt={"audio": max_audio_items(options)},
             enforce_eager=(not cuda) if options.enforce_eager is None else options.enforce_eager,
         )
         if options.max_num_seqs is not None:
@@ -291,6 +354,8 @@ class VLLMEngine:
                 kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
         elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
+        if options.reuse_windows:
+            kwargs["enable_mm_embeds"] = True  # precomputed feature items (features.py)
         kwargs.update(dict(options.extra))
         model_dir = _resolve_local_dir(options.model)
         try:
@@ -335,23 +400,23 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         params = SamplingParams(temperature=0.0, max_tokens=max(1, int(request.max_tokens)))
-        prompt = {"prompt": request.prompt, "multi_modal_data": {"audio": [(request.audio, SAMPLE_RATE)]}}
-        if request.audio_items is not None:
-            items = request.audio_items
-            if not 1 <= len(items) <= self._options.max_audio_items:
-                raise RequestRejectedError(
-                    f"{len(items)} audio items; engine allows {self._options.max_audio_items}"
-                )
-            one_pad = AUDIO_PLACEHOLDER
-            many = "<|audio_start|>" + "<|audio_pad|>" * len(items) + "<|audio_end|>"
+        audio = request.audio
+        started = time.monotonic()  # our feature work counts, as vLLM's does in the raw path
+        if self._features is not None and request.reuse_windows and audio.shape[0] >= N_FFT:
+            # compute off the event loop: a long utterance's first step does a full STFT
+            items = await asyncio.to_thread(self._features.items_for, request.stream_id, audio)
+            pads = "<|audio_start|>" + "<|audio_pad|>" * len(items.sizes) + "<|audio_end|>"
             prompt = {
-                "prompt": request.prompt.replace(one_pad, many, 1),
-                "multi_modal_data": {"audio": [(x, SAMPLE_RATE) for x in items]},
+                "prompt": request.prompt.replace(AUDIO_PLACEHOLDER, pads, 1),
+                "multi_modal_data": {"audio": items.as_mm_data()},
             }
+            item_frames = items.sizes
+        else:
+            prompt = {"prompt": request.prompt, "multi_modal_data": {"audio": [(audio, SAMPLE_RATE)]}}
+            item_frames = (audio.shape[0] // HOP,)
         st = self._stats
         st.in_flight += 1
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
-        started = time.monotonic()
         final = None
         try:
             async for out in self._llm.generate(
@@ -375,17 +440,39 @@ class VLLMEngine:
             prompt_tokens=len(final.prompt_token_ids or ()),
             cached_tokens=int(final.num_cached_tokens or 0),
             generated_tokens=len(comp.token_ids),
-            audio_seconds=request.audio.shape[0] / SAMPLE_RATE,
+            audio_seconds=audio.shape[0] / SAMPLE_RATE,
             started_at=started,
             finished_at=finished,
+            audio_items=len(item_frames),
+            encoded_seconds=self._encoded_seconds(final, item_frames),
         )
         st.steps += 1
         st.prompt_tokens += result.prompt_tokens
         st.cached_tokens += result.cached_tokens
         st.generated_tokens += result.generated_tokens
         st.audio_seconds += result.audio_seconds
+        st.encoded_seconds += result.encoded_seconds
         st.recent.append((request.stream_id, started, finished))
         return result
+
+    def _encoded_seconds(self, final: Any, item_frames: tuple[int, ...]) -> float:
+        """Seconds of the items whose audio tokens reach past the prefix-cache hit."""
+        ids = list(final.prompt_token_ids or ())
+        cached = int(final.num_cached_tokens or 0)
+        try:
+            pos = ids.index(self._audio_start_id) + 1
+        except ValueError:
+            return sum(item_frames) * HOP / SAMPLE_RATE
+        seconds = 0.0
+        for frames in item_frames:
+            pos += output_tokens(frames)
+            if pos > cached:
+                seconds += frames * HOP / SAMPLE_RATE
+        return seconds
+
+    def release_stream(self, stream_id: str) -> None:
+        if self._features is not None and stream_id:
+            self._features.forget(stream_id)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -395,6 +482,13 @@ class VLLMEngine:
             # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when module globals are
             # already torn down, and prints a TypeError; it has nothing left to do after this one.
             llm.shutdown = lambda *args, **kwargs: None
+
+
+def max_audio_items(options: EngineOptions) -> int:
+    """Audio items a request may carry: one per 8 s window of the longest audio that fits."""
+    if not options.reuse_windows:
+        return 1
+    return max(1, math.ceil(options.max_model_len / TOKENS_PER_WINDOW))
 
 
 def _map_vllm_error(e: Exception) -> EngineError:

@@ -59,3 +59,16 @@ def iter_frames(
         yield rtc.AudioFrame(chunk.tobytes(), rate, channels, n)
         pos += n
         i += 1
+
+
+def pause_free_speech(seconds: float, rate: int = 16_000) -> np.ndarray:
+    """`seconds` of speech without a pause an endpointer would take for the end of an utterance:
+    the bundled clip (pauses between its sentences are under 0.4 s) with its leading and trailing
+    silence trimmed, repeated. float32 in [-1, 1], 16 kHz mono. For benchmarks and long tests."""
+    if rate != 16_000:
+        raise ValueError("the bundled speech is 16 kHz")
+    data, _, _ = read_wav(bundled_speech_path())
+    loud = np.flatnonzero(np.abs(data.astype(np.int32)) > 300)
+    clip = data[loud[0] : loud[-1] + 1].astype(np.float32) / 32768.0
+    n = int(round(seconds * rate))
+    return np.tile(clip, -(-n // clip.shape[0]))[:n]

@@ -285,7 +285,8 @@ class STT(stt.STT):
         if plan is not None:
             # one pass over a long buffer can outlast a streaming step's timeout: allow 1 s per audio second
             timeout = max(conn_options.timeout, plan.audio_seconds)
-            result = await _run_step(engine, plan, opts, request_id, timeout)
+            # a single pass has nothing to reuse: one raw item, no per-stream feature cache
+            result = await _run_step(engine, plan, opts, request_id, timeout, reuse_windows=False)
             t.apply(plan, result.text)
         hyp = t.finalize()
         return stt.SpeechEvent(
@@ -300,10 +301,16 @@ class STT(stt.STT):
 
 
 async def _run_step(
-    engine: ASREngine, plan: StepPlan, opts: STTOptions, stream_id: str, timeout: float
+    engine: ASREngine,
+    plan: StepPlan,
+    opts: STTOptions,
+    stream_id: str,
+    timeout: float,
+    reuse_windows: bool = True,
 ) -> StepResult:
     """One engine step with LiveKit error mapping, so the framework's retry logic applies."""
-    request = StepRequest(plan.prompt, plan.audio, step_token_budget(plan, opts.max_new_tokens), stream_id)
+    budget = step_token_budget(plan, opts.max_new_tokens)
+    request = StepRequest(plan.prompt, plan.audio, budget, stream_id, reuse_windows=reuse_windows)
     try:
         async with asyncio.timeout(timeout):
             return await engine.step(request)
@@ -446,6 +453,11 @@ class SpeechStream(stt.RecognizeStream):
         await super().aclose()
         if self._vad_stream is not None:
             await self._vad_stream.aclose()
+        if self._engine is not None:
+            try:
+                self._engine.release_stream(self._stream_id)
+            except Exception:  # e.g. an engine that failed to start: nothing was cached
+                logger.debug("release_stream failed", exc_info=True)
 
     # -- run loop --------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -583,6 +595,7 @@ class SpeechStream(stt.RecognizeStream):
                     )
                 )
             t.reset()  # audio after a forced cut stays pending: it opens the next utterance
+            self._engine.release_stream(self._stream_id)  # the utterance's feature cache
             self._utt = _Utterance(_new_id("SG"), finish.sample)
             if finish.reason == "max_length":
                 self._ensure_speaking()  # speech goes on without a pause

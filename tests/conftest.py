@@ -34,7 +34,7 @@ async def engine(tiny_checkpoint: Path):
     from livekit_qwen_asr.engine import EngineOptions, VLLMEngine
 
     eng = await VLLMEngine.start(
-        EngineOptions(model=str(tiny_checkpoint), max_model_len=4096, kv_cache_gib=1, max_audio_items=4)
+        EngineOptions(model=str(tiny_checkpoint), max_model_len=4096, kv_cache_gib=1, dtype="float32")
     )
     yield eng
     await eng.aclose()

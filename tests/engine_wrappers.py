@@ -22,6 +22,7 @@ class RecordingEngine(EngineProxy):
         self._fault = fault
         self._done = asyncio.Condition()
         self.hang_once: asyncio.Event | None = None
+        self.released: list[str] = []
 
     async def step(self, request: StepRequest) -> StepResult:
         attempt = self.attempts
@@ -37,6 +38,10 @@ class RecordingEngine(EngineProxy):
         async with self._done:
             self._done.notify_all()
         return result
+
+    def release_stream(self, stream_id: str) -> None:
+        self.released.append(stream_id)
+        self.inner.release_stream(stream_id)
 
     async def wait_steps(self, n: int, timeout: float = 120.0) -> None:
         async with asyncio.timeout(timeout):
