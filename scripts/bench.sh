@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the benchmark: our streaming vs the official re-feed loop on one engine.
+# Default: the 0.6b-shaped synthetic checkpoint, 300 s per mode, 1-4 paced streams (about 40 min on a
+# 2-core CPU). Writes results/bench-<preset>/{results.json,table.md,*.png}. Options: --help
+# (e.g. --quick for the CI-sized run, --preset tiny, --streams 3, --seconds 120).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh "${QWEN_ASR_SETUP:-cpu}"
+export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+exec .venv/bin/python -m bench.run "$@"
