@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from bench import fidelity
+from bench import report as bench_report
 from bench import run as bench_run
 
 
@@ -43,6 +44,21 @@ async def test_benchmark_harness_smoke(engine, tmp_path):
     assert all((tmp_path / p).stat().st_size > 10_000 for p in saved["plots"])
     table = (tmp_path / "table.md").read_text()
     assert "| ours_cut |" in table and "| ours_cut_x2 |" in table
+
+    doc = tmp_path / "docs" / "performance.md"
+    doc.parent.mkdir()
+    bench_report.render(tmp_path, doc)
+    text = doc.read_text()
+    assert "{{" not in text and "| ours_cut |" in text and "**Prefill per step**" in text
+    assert (doc.parent / "perf" / "steps.png").is_file()
+
+
+def test_encoder_bounds():
+    # 2 s chunks, 8 s windows: the open window is encoded at 2, 4, 6, 8 s, and once more (re-encode)
+    assert bench_report.exact_encoder_bound(8, reencode=False) == 20 == bench_report.exact_encoder_bound(8)
+    assert bench_report.exact_encoder_bound(16) == 20 + 8 + 20
+    assert bench_report.exact_encoder_bound(30) / 30 == pytest.approx(3.2)
+    assert bench_report.session_bound(300, None, reencode=False) / 300 == pytest.approx(2.5, abs=0.02)
 
 
 def test_unstable_partial_words():
