@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the benchmark: our streaming vs the official re-feed loop on one engine.
-# Default: the 0.6b-shaped synthetic checkpoint, 300 s per mode, 1-4 paced streams (about 40 min on a
+# Default: the 0.6b-shaped synthetic checkpoint, 300 s per mode, 1-4 paced streams (about 1 h on a
 # 2-core CPU). Writes results/bench-<preset>/{results.json,table.md,*.png}. Options: --help
 # (e.g. --quick for the CI-sized run, --preset tiny, --streams 3, --seconds 120). With no options it
 # also re-renders docs/performance.md from the run (bench/report.py).
