@@ -354,8 +354,13 @@ class VLLMEngine:
                 kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
         elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
-        if options.reuse_windows:
+        reuse = options.reuse_windows and "enable_mm_embeds" in getattr(
+            AsyncEngineArgs, "__dataclass_fields__", {}
+        )
+        if reuse:
             kwargs["enable_mm_embeds"] = True  # precomputed feature items (features.py)
+        elif options.reuse_windows:
+            logger.warning("window reuse disabled: this vLLM has no enable_mm_embeds")
         kwargs.update(dict(options.extra))
         model_dir = _resolve_local_dir(options.model)
         try:
@@ -363,6 +368,11 @@ class VLLMEngine:
         except Exception as e:
             raise EngineUnavailableError(f"could not start vLLM for {options.model!r}: {e}") from e
         engine = cls(llm, options, model_dir, time.perf_counter() - t0)
+        if not reuse:
+            engine._features = None
+        elif engine._features is not None:
+            await engine._check_window_reuse()
+        engine._stats = EngineStats()  # the probe's steps are not the caller's
         logger.info(
             "engine ready",
             extra={"model": options.model, "startup_s": round(engine.startup_s, 1), "cuda": cuda},
@@ -455,6 +465,23 @@ class VLLMEngine:
         st.recent.append((request.stream_id, started, finished))
         return result
 
+    async def _check_window_reuse(self) -> None:
+        """Start-up probe: this vLLM must take feature items and answer exactly as with raw audio
+        (greedy, 10 s of noise: two items). Otherwise reuse is turned off (raw audio every step)."""
+        rng = np.random.default_rng(0)
+        audio = (rng.standard_normal(10 * SAMPLE_RATE) * 0.05).astype(np.float32)
+        prompt = self.base_prompt("")
+        try:
+            raw = await self.step(StepRequest(prompt, audio, 4, "", reuse_windows=False))
+            items = await self.step(StepRequest(prompt, audio, 4, "", reuse_windows=True))
+        except Exception as e:
+            self._features = None
+            logger.warning("window reuse disabled: feature items failed", extra={"error": str(e)})
+            return
+        if items.text != raw.text or items.audio_items != 2:
+            self._features = None
+            logger.warning("window reuse disabled: feature items changed the output")
+
     def _encoded_seconds(self, final: Any, item_frames: tuple[int, ...]) -> float:
         """Seconds of the items whose audio tokens reach past the prefix-cache hit."""
         ids = list(final.prompt_token_ids or ())
@@ -469,6 +496,11 @@ class VLLMEngine:
             if pos > cached:
                 seconds += frames * HOP / SAMPLE_RATE
         return seconds
+
+    @property
+    def reuses_windows(self) -> bool:
+        """Whether steps send feature items per 8 s window (see EngineOptions.reuse_windows)."""
+        return self._features is not None
 
     def release_stream(self, stream_id: str) -> None:
         if self._features is not None and stream_id:

@@ -116,6 +116,7 @@ async def test_window_reuse_is_exact_over_120_s(engine, speech16k):
     prefill of another shape) differs from a fresh prefill in the last bf16 bit, and the random-weight
     model has exact top-1/top-2 logit ties, so greedy decoding diverged at step 58 (docs/performance.md).
     """
+    assert engine.reuses_windows  # the start-up probe found this vLLM takes feature items exactly
     audio = speech(speech16k, 121.3)
     official: list[StepResult] = []
     state = official_loop.init_state(engine)
