@@ -139,7 +139,15 @@ async def run_ours(
         result = await engine.step(StepRequest(plan.prompt, plan.audio, cap, sid))
         hyp = t.apply(plan, result.text)
         rec = _record(
-            mode, stream, utt_start, plan.audio.shape[0], due, result, encoder, plan.new_chunks, plan.final
+            mode,
+            stream,
+            utt_start,
+            plan.audio.shape[0],
+            due,
+            result,
+            encoder() if encoder else None,
+            plan.new_chunks,
+            plan.final,
         )
         rec.text_chars = len(hyp.text)
         records.append(rec)
@@ -186,9 +194,8 @@ async def run_official(
     def emit(due: float, final: bool) -> None:
         for result, enc in collected:
             rec = _record(
-                mode, stream, utt_start, int(round(result.audio_seconds * SR)), due, result, None, 1, final
+                mode, stream, utt_start, int(round(result.audio_seconds * SR)), due, result, enc, 1, final
             )
-            rec.encoder_s = enc
             rec.text_chars = len(state.text)
             records.append(rec)
             if on_step:
@@ -222,7 +229,7 @@ def _record(
     utt_samples: int,
     due: float,
     r: StepResult,
-    encoder: EncoderProbe | None,
+    encoder_s: float | None,
     chunks: int,
     final: bool,
 ) -> StepRecord:
@@ -238,7 +245,7 @@ def _record(
         cached_tokens=r.cached_tokens,
         generated_tokens=r.generated_tokens,
         encoded_upper_s=r.encoded_seconds,
-        encoder_s=encoder() if encoder else None,
+        encoder_s=encoder_s,
         chunks=chunks,
         final=final,
         text_chars=0,

@@ -43,16 +43,21 @@ def start_log(path: Path) -> None:
     os.environ[ENV] = str(path)
 
 
-def encoded_seconds(path: Path) -> float:
-    """Audio seconds the encoder has processed since `start_log` (or the last `reset`)."""
-    if not path.exists():
-        return 0.0
-    total = sum(int(x) for line in path.read_text().split() for x in [line])
-    return total / FRAMES_PER_SECOND
+class EncoderProbe:
+    """Encoder seconds logged since the previous call (None: not instrumented)."""
 
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._offset = 0
 
-def reset(path: Path) -> None:
-    path.write_text("")
+    def __call__(self) -> float | None:
+        if self.path is None or not self.path.exists():
+            return None
+        with self.path.open() as f:
+            f.seek(self._offset)
+            text = f.read()
+            self._offset = f.tell()
+        return sum(int(x) for x in text.split()) / FRAMES_PER_SECOND
 
 
 _install()

@@ -11,10 +11,12 @@ import json
 import shutil
 from pathlib import Path
 
+from livekit_qwen_asr.features import WINDOW_SECONDS
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "docs" / "performance.template.md"
 DOC = ROOT / "docs" / "performance.md"
-WINDOW_S = 8.0
+WINDOW_S = WINDOW_SECONDS
 
 
 def exact_encoder_bound(utterance_s: float, chunk_s: float = 2.0, reencode: bool = True) -> float:

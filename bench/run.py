@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import encoder_count  # noqa: F401  (patches vLLM's encoder in the spawned engine process)
+from bench import encoder_count  # patches vLLM's encoder in the spawned engine process
+from bench.encoder_count import EncoderProbe
+from livekit_qwen_asr.features import TOKENS_PER_WINDOW, WINDOW_SECONDS
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIONS = (10, 30, 120, 300)
@@ -70,23 +72,6 @@ class MemorySampler:
         self.peak = max(self.peak, self._rss())
 
 
-class EncoderProbe:
-    """Encoder seconds logged by the engine process since the previous call (None: not instrumented)."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self._offset = 0
-
-    def __call__(self) -> float | None:
-        if self.path is None or not self.path.exists():
-            return None
-        with self.path.open() as f:
-            f.seek(self._offset)
-            text = f.read()
-            self._offset = f.tell()
-        return sum(int(x) for x in text.split()) / encoder_count.FRAMES_PER_SECOND
-
-
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -98,9 +83,9 @@ def summarize_mode(records: list[dict], base_tokens: int) -> dict:
     for r in records:
         # reusable: the tokens before the newest completed window (that one is new content for one
         # more step: its last feature frame changes once audio follows it)
-        completed = int(r["utterance_s"] // 8) - (r["utterance_s"] % 8 == 0)
+        completed = int(r["utterance_s"] // WINDOW_SECONDS) - (r["utterance_s"] % WINDOW_SECONDS == 0)
         if completed >= 2:
-            reusable = base_tokens + (completed - 1) * 104
+            reusable = base_tokens + (completed - 1) * TOKENS_PER_WINDOW
             hits.append(min(r["cached_tokens"], reusable) / reusable)
     covered = max((r["position_s"] for r in records), default=0.0)
     out = {

@@ -30,6 +30,7 @@ import torch
 N_FFT = 400
 HOP = 160
 WINDOW_FRAMES = 800  # encoder attention window (`n_window_infer`): 8 s of 10 ms frames
+WINDOW_SECONDS = WINDOW_FRAMES * HOP / 16_000
 CONV_FRAMES = 100  # conv front-end chunk (`2 * n_window`): 1 s
 TOKENS_PER_WINDOW = 104  # audio tokens of one full window (13 per second)
 MIN_COLUMNS = 64  # frames recomputed at least per update (see UtteranceFeatures._extend)
