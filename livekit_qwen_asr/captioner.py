@@ -44,6 +44,7 @@ from livekit.agents.types import (
 from livekit.agents.utils import is_given
 
 from .log import logger
+from .tasks import OwnedTasks
 
 DEFAULT_TRACK_SOURCES: tuple[int, ...] = (
     rtc.TrackSource.SOURCE_MICROPHONE,
@@ -203,7 +204,7 @@ class RoomCaptioner(rtc.EventEmitter[CaptionerEvent]):
         self._max_restarts = max_stream_restarts
         self._tracks: dict[str, _TrackCaptioner] = {}
         self._finishing: set[_TrackCaptioner] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = OwnedTasks("captioner")
         self._history: collections.deque[TrackCaptionInfo] = collections.deque(maxlen=history_size)
         self._stats = CaptionerStats()
         self._started = False
@@ -261,8 +262,7 @@ class RoomCaptioner(rtc.EventEmitter[CaptionerEvent]):
             self._room.off(event, handler)  # type: ignore[arg-type]
         for sid in list(self._tracks):
             self._end_track(sid, "captioner closed", abort=not flush)
-        while pending := [t for t in self._tasks if not t.done()]:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._tasks.wait()
 
     # -- room callbacks (sync: livekit rejects async callbacks) ----------------------------------
     def _on_track_published(self, publication: rtc.RemoteTrackPublication, participant) -> None:
@@ -364,15 +364,7 @@ class RoomCaptioner(rtc.EventEmitter[CaptionerEvent]):
             logger.exception("a %r callback failed", event)
 
     def _spawn(self, coro, *, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("captioner task failed", exc_info=exc, extra={"task": task.get_name()})
+        return self._tasks.spawn(coro, name)
 
     def _open_stream(self) -> stt.RecognizeStream:
         if is_given(self._language):

@@ -11,12 +11,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-# Test speech tools (espeak-ng, sox) for the multi-speaker tests; Debian packages.
-if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+# Debian packages the tests use: espeak-ng and sox (test speech), chromium (the real-browser test of
+# the caption page; fonts-dejavu-core so its screenshot has glyphs). Installed when missing.
+APT=()
+command -v espeak-ng >/dev/null || APT+=(espeak-ng)
+command -v sox >/dev/null || APT+=(sox)
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || APT+=(chromium fonts-dejavu-core)
+if [ "${#APT[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}" >/dev/null
   else
-    echo "warning: espeak-ng and sox are needed by the tests (apt-get install espeak-ng sox)" >&2
+    echo "warning: the tests need: ${APT[*]} (apt-get install ${APT[*]})" >&2
   fi
 fi
 STAMP=".venv/.installed-$STACK-$(sha1sum pyproject.toml | cut -c1-12)"
