@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 from livekit.agents import AgentServer, AutoSubscribe, JobContext, JobExecutorType, JobProcess, cli
 
-from livekit_qwen_asr import STT, ASREngine, EngineOptions, StepRequest, StepResult, VLLMEngine
+from livekit_qwen_asr import STT, ASREngine, EngineOptions, StepRequest, StepResult
 from livekit_qwen_asr.captioner import RoomCaptioner
 from livekit_qwen_asr.engine import DEFAULT_MODEL, EngineProxy
+from livekit_qwen_asr.supervisor import SupervisedEngine
 
 logger = logging.getLogger("qwen-asr-captioner")
 
@@ -143,7 +144,7 @@ class LoopThreadEngine(EngineProxy):
     _instances: dict[EngineOptions, LoopThreadEngine] = {}
     _lock = threading.Lock()
 
-    def __init__(self, options: EngineOptions, start: EngineStarter = VLLMEngine.start) -> None:
+    def __init__(self, options: EngineOptions, start: EngineStarter = SupervisedEngine.start) -> None:
         """Start the engine thread and begin loading (`start(options)` runs on the engine's loop)."""
         self.options = options
         self._loop = asyncio.new_event_loop()
@@ -182,6 +183,12 @@ class LoopThreadEngine(EngineProxy):
     async def step(self, request: StepRequest) -> StepResult:
         fut = asyncio.run_coroutine_threadsafe(self.inner.step(request), self._loop)
         return await asyncio.wrap_future(fut)
+
+    async def until_ready(self) -> None:
+        await self.ready()
+        hook = getattr(self.inner, "until_ready", None)
+        if hook is not None:  # e.g. a restart in progress: wait for it on the engine's loop
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(hook(), self._loop))
 
     async def aclose(self) -> None:
         """Streams and rooms come and go; the engine stays for the process (closed at exit)."""

@@ -5,17 +5,20 @@ from livekit.agents import Plugin
 from .engine import DEFAULT_MODEL, ASREngine, EngineOptions, EngineStats, StepRequest, StepResult, VLLMEngine
 from .errors import (
     EngineError,
+    EngineFailedError,
     EngineTimeoutError,
     EngineUnavailableError,
     InvalidAudioError,
     InvalidOptionError,
     QwenASRError,
     RequestRejectedError,
+    TooManyStreamsError,
     UnsupportedLanguageError,
 )
 from .log import logger
 from .streaming import Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
 from .stt import STT, SpeechStream, STTOptions
+from .supervisor import SupervisedEngine
 from .version import __version__
 
 __all__ = [
@@ -23,6 +26,7 @@ __all__ = [
     "STT",
     "ASREngine",
     "EngineError",
+    "EngineFailedError",
     "EngineOptions",
     "EngineStats",
     "EngineTimeoutError",
@@ -39,6 +43,8 @@ __all__ = [
     "StepResult",
     "StreamingConfig",
     "StreamingTranscriber",
+    "SupervisedEngine",
+    "TooManyStreamsError",
     "UnsupportedLanguageError",
     "VLLMEngine",
     "__version__",

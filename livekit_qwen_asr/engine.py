@@ -159,6 +159,12 @@ class EngineProxy:
     async def step(self, request: StepRequest) -> StepResult:
         return await self.inner.step(request)
 
+    async def until_ready(self) -> None:
+        """Optional hook: wait until the engine can take steps (e.g. while a dead one restarts)."""
+        hook = getattr(self.inner, "until_ready", None)
+        if hook is not None:
+            await hook()
+
     def release_stream(self, stream_id: str) -> None:
         try:
             inner = self.inner
@@ -185,6 +191,8 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     # Exact reuse of completed 8 s encoder windows across steps (features.py); needs prefix caching.
     reuse_windows: bool = True
+    # The process-wide engine (get_shared_engine) is restarted this many times when it dies.
+    max_restarts: int = 1
     extra: tuple[tuple[str, Any], ...] = ()  # more AsyncEngineArgs, as (name, value) pairs
 
     def __post_init__(self) -> None:
@@ -194,6 +202,8 @@ class EngineOptions:
             raise InvalidOptionError(f"max_model_len must be >= 256, got {self.max_model_len}")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise InvalidOptionError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.max_restarts < 0:
+            raise InvalidOptionError(f"max_restarts must be >= 0, got {self.max_restarts}")
 
 
 class _HFCodec:
@@ -534,18 +544,21 @@ def _map_vllm_error(e: Exception) -> EngineError:
 
 
 # -- one engine per process ----------------------------------------------------------------------
-_shared: dict[EngineOptions, asyncio.Task[VLLMEngine]] = {}
+_shared: dict[EngineOptions, asyncio.Task[ASREngine]] = {}
 
 
-async def get_shared_engine(options: EngineOptions | None = None) -> VLLMEngine:
-    """The process-wide engine for these options, started on first use (concurrent callers share it).
+async def get_shared_engine(options: EngineOptions | None = None) -> ASREngine:
+    """The process-wide engine for these options, started on first use (concurrent callers share it):
+    vLLM in-process, restarted up to `options.max_restarts` times if it dies (supervisor.py).
 
     A failed start is not cached: the next call tries again.
     """
+    from .supervisor import SupervisedEngine
+
     options = options or EngineOptions()
     task = _shared.get(options)
     if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
-        task = asyncio.ensure_future(VLLMEngine.start(options))
+        task = asyncio.ensure_future(SupervisedEngine.start(options))
         _shared[options] = task
     return await asyncio.shield(task)
 

@@ -19,6 +19,10 @@ class InvalidAudioError(QwenASRError, ValueError):
     """Audio that cannot be transcribed: NaN/inf samples, a bad sample rate or channel count."""
 
 
+class TooManyStreamsError(QwenASRError, RuntimeError):
+    """`STT.stream()` refused: `max_streams` streams of this STT are still open."""
+
+
 class StaleStepError(QwenASRError, RuntimeError):
     """A step plan was applied after the stream state it was planned from had changed."""
 
@@ -31,6 +35,12 @@ class EngineError(QwenASRError):
 
 class EngineUnavailableError(EngineError):
     """The engine could not be started or has died."""
+
+
+class EngineFailedError(EngineUnavailableError):
+    """The engine died and was not (or could not be) restarted: a retry cannot help."""
+
+    retryable = False
 
 
 class EngineTimeoutError(EngineError):

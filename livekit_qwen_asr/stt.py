@@ -39,7 +39,7 @@ from .engine import (
     StepResult,
     get_shared_engine,
 )
-from .errors import EngineError, InvalidAudioError, InvalidOptionError
+from .errors import EngineError, InvalidAudioError, InvalidOptionError, TooManyStreamsError
 from .log import logger
 from .prompt import language_code, normalize_language, sanitize_user_text
 from .streaming import SAMPLE_RATE, Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
@@ -134,6 +134,7 @@ class STT(stt.STT):
         carry_context_chars: int = 200,
         engine: ASREngine | None = None,
         engine_options: EngineOptions | None = None,
+        max_streams: int | None = None,
     ) -> None:
         """Streaming Qwen3-ASR.
 
@@ -153,6 +154,9 @@ class STT(stt.STT):
                 `carry_context_chars` characters).
             engine: an already started engine to share (else the process-wide vLLM engine).
             engine_options: start-up options of the process-wide engine.
+            max_streams: open streams allowed at once; `stream()` beyond it raises
+                TooManyStreamsError (None: no limit). A stream counts until it is closed or its
+                input has ended and its last event was delivered.
         """
         super().__init__(
             capabilities=stt.STTCapabilities(
@@ -187,6 +191,10 @@ class STT(stt.STT):
         self._engine_options = engine_options or EngineOptions(model=model)
         self._session_keyterms: tuple[str, ...] = ()
         self._streams: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
+        if max_streams is not None and (not isinstance(max_streams, int) or max_streams < 1):
+            raise InvalidOptionError(f"max_streams must be None or an int >= 1, got {max_streams!r}")
+        self._max_streams = max_streams
+        self._open: set[SpeechStream] = set()
 
     @property
     def model(self) -> str:
@@ -232,10 +240,21 @@ class STT(stt.STT):
         language: NotGivenOr[str | None] = NOT_GIVEN,
         conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS,
     ) -> SpeechStream:
+        if self._max_streams is not None and len(self._open) >= self._max_streams:
+            raise TooManyStreamsError(
+                f"{len(self._open)} streams are open (max_streams={self._max_streams}): close one first"
+            )
         opts = self._opts if not is_given(language) else dataclasses.replace(self._opts, language=language)
         s = SpeechStream(stt=self, opts=opts, conn_options=conn_options)
         self._streams.add(s)
+        self._open.add(s)
+        s._task.add_done_callback(lambda _: self._open.discard(s))  # ended, failed or closed
         return s
+
+    @property
+    def open_streams(self) -> int:
+        """Streams of this STT still running (what `max_streams` counts)."""
+        return len(self._open)
 
     def update_options(
         self,
@@ -318,6 +337,16 @@ async def _run_step(
         raise APITimeoutError(f"Qwen3-ASR step exceeded {timeout:.1f} s") from e
     except RequestRejectedError as e:
         raise APIStatusError(str(e), status_code=400, retryable=False) from e
+    except EngineError as e:
+        raise APIConnectionError(str(e), retryable=e.retryable) from e
+
+
+async def _until_ready(engine: ASREngine) -> None:
+    hook = getattr(engine, "until_ready", None)
+    if hook is None:
+        return
+    try:
+        await hook()
     except EngineError as e:
         raise APIConnectionError(str(e), retryable=e.retryable) from e
 
@@ -462,6 +491,7 @@ class SpeechStream(stt.RecognizeStream):
     # -- run loop --------------------------------------------------------------------------------
     async def _run(self) -> None:
         engine = await self._stt_ref.ensure_engine()
+        await _until_ready(engine)  # a retry after the engine died resumes once it is back
         self._engine = engine
         if self._transcriber is None:
             self._apply_next_opts()

@@ -13,10 +13,12 @@ import contextlib
 import os
 import signal
 import sys
+import time
 
 from ..demo import BANNER, resolve_model
-from ..engine import DEFAULT_MODEL, EngineOptions, VLLMEngine
+from ..engine import DEFAULT_MODEL, EngineOptions
 from ..stt import STT
+from ..supervisor import SupervisedEngine
 from .server import BrowserCaptionServer
 from .session import CaptionHub
 
@@ -24,8 +26,10 @@ from .session import CaptionHub
 async def serve(args: argparse.Namespace) -> int:
     model, reason = resolve_model(args.model)
     print(f"starting vLLM engine for {model} ...", flush=True)
-    engine = await VLLMEngine.start(EngineOptions(model=model, max_model_len=args.max_model_len))
-    print(f"engine ready in {engine.startup_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    # a long-running server: a dead engine is restarted once (supervisor.py)
+    engine = await SupervisedEngine.start(EngineOptions(model=model, max_model_len=args.max_model_len))
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     if engine.is_synthetic:
         print(BANNER.format(reason=reason or f"{model} is a synthetic checkpoint"), flush=True)
     stt = STT(engine=engine, language=args.language, context=args.context)

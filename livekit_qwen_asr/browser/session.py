@@ -28,7 +28,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from livekit.agents import stt, utils
 
-from ..errors import QwenASRError
+from ..errors import QwenASRError, TooManyStreamsError
 from ..log import logger
 from ..tasks import OwnedTasks
 from .frames import av_frame_to_rtc
@@ -124,6 +124,7 @@ class Call:
         self._pump_task: asyncio.Task[None] | None = None
         self._recognize_task: asyncio.Task[None] | None = None
         self._end_task: asyncio.Task[None] | None = None
+        self._rejected: TooManyStreamsError | None = None
         self.closed = asyncio.Event()  # set once the call is fully freed
         self._open_segment: str | None = None
         self._last_text = ""
@@ -136,7 +137,11 @@ class Call:
     def attach_track(self, track: Any) -> None:
         if track.kind != "audio" or self._stream is not None:
             return  # check_offer_sdp admits one audio track only
-        self._stream = self._hub._open_stream()
+        try:
+            self._stream = self._hub._open_stream()
+        except TooManyStreamsError as e:  # the STT's own max_streams: answered as HTTP 503
+            self._rejected = e
+            return
         self.info.stream_id = str(getattr(self._stream, "stream_id", ""))
         self._pump_task = self._hub._spawn(self._pump(track), f"browser.pump.{self.info.id}")
         self._recognize_task = self._hub._spawn(self._recognize(), f"browser.recognize.{self.info.id}")
@@ -401,6 +406,10 @@ class CaptionHub:
             self.stats.calls_rejected += 1
             call.end("negotiation failed")
             raise InvalidOfferError(f"could not negotiate the offer: {e}") from e
+        if call._rejected is not None:
+            self.stats.calls_rejected += 1
+            call.end("no stream available")
+            raise TooManyCallsError(str(call._rejected))
         if call._stream is None:
             self.stats.calls_rejected += 1
             call.end("no audio")
