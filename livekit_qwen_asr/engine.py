@@ -419,8 +419,8 @@ class VLLMEngine:
             raise EngineUnavailableError("engine is closed")
         from vllm import SamplingParams
 
+        audio = _checked_audio(request)
         params = SamplingParams(temperature=0.0, max_tokens=max(1, int(request.max_tokens)))
-        audio = request.audio
         started = time.monotonic()  # our feature work counts, as vLLM's does in the raw path
         if self._features is not None and request.reuse_windows and audio.shape[0] >= N_FFT:
             # compute off the event loop: a long utterance's first step does a full STFT
@@ -524,6 +524,27 @@ class VLLMEngine:
             # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when module globals are
             # already torn down, and prints a TypeError; it has nothing left to do after this one.
             llm.shutdown = lambda *args, **kwargs: None
+
+
+# vLLM's log-mel reflect-pads each side by N_FFT / 2 and fails on audio that short: shorter (non-empty)
+# audio, e.g. the finish step of a flush right after an utterance started, is padded with silence.
+MIN_STEP_SAMPLES = N_FFT
+
+
+def _checked_audio(request: StepRequest) -> np.ndarray:
+    """Reject what would make vLLM fail obscurely (or take its EngineCore down) before it gets there."""
+    audio = request.audio
+    if not isinstance(request.prompt, str) or request.prompt.count(AUDIO_PLACEHOLDER) != 1:
+        raise RequestRejectedError("the prompt must contain exactly one audio placeholder")
+    if not isinstance(audio, np.ndarray) or audio.ndim != 1 or audio.dtype != np.float32:
+        raise RequestRejectedError("audio must be a 1-D float32 numpy array (16 kHz mono)")
+    if audio.shape[0] == 0:
+        raise RequestRejectedError("audio is empty")
+    if not np.isfinite(audio).all():
+        raise RequestRejectedError("audio contains NaN or infinite samples")
+    if audio.shape[0] < MIN_STEP_SAMPLES:
+        audio = np.concatenate([audio, np.zeros(MIN_STEP_SAMPLES - audio.shape[0], np.float32)])
+    return audio
 
 
 def max_audio_items(options: EngineOptions) -> int:
