@@ -1,0 +1,41 @@
+"""Short CI versions of the soak, churn and load runs (bench/reliability.py has the long ones and
+docs/reliability.md their figures): same code, real engine, real VAD, real rtc audio sources."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.reliability import churn, load, soak_captioner, soak_stream
+
+pytestmark = pytest.mark.timeout(600)
+
+
+async def test_soak_one_stream_loses_no_final(engine):
+    r = await soak_stream(engine, minutes=3, speed=20)
+    assert r["audio_s"] >= 180 and r["utterances"] >= r["speech_segments"] > 10
+    assert r["lost"] == [] and r["violations"] == []
+    assert r["finals"] == r["utterances"]
+    assert r["feature_states_left"] == 0
+
+
+async def test_soak_captioner_with_pauses_loses_no_final(engine):
+    r = await soak_captioner(engine, participants=2, minutes=0.5)
+    assert r["sentences_said"] >= 4 and r["finals_published"] >= r["sentences_said"]
+    assert r["lost"] == [] and r["violations"] == []
+    assert r["speakers_with_fewer_finals_than_pauses"] == []
+    assert r["stream_errors"] == r["finish_timeouts"] == r["publish_errors"] == 0
+    assert r["active_tracks_left"] == r["open_streams_left"] == r["feature_states_left"] == 0
+
+
+async def test_churn_leaves_nothing_behind(engine):
+    r = await churn(engine, cycles=30)
+    assert r["tracks_started"] == r["tracks_finished"] == 30
+    assert r["leaks"] == [] and r["stream_errors"] == 0
+    assert r["finals_published"] > 0
+
+
+async def test_load_beyond_max_streams_is_refused_and_loses_nothing(engine):
+    r = await load(engine, streams=6, seconds=12)
+    assert "max_streams=6" in r["refused_extra_stream"]
+    assert r["lost"] == [] and r["violations"] == [] and r["finals"] == r["utterances"] > 0
+    assert r["open_streams_left"] == 0
