@@ -410,7 +410,77 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+FIGURES_START, FIGURES_END = "<!-- figures:start -->", "<!-- figures:end -->"
+
+
+def render_figures(results_dir: Path) -> str:
+    """The figures table of docs/reliability.md, from the runs' JSON files (no number typed by hand)."""
+    runs = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    rows = [
+        "| run | size | wall | finals / utterances | lost | leaks / violations | memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def mem(r: dict[str, Any]) -> str:
+        samples = r.get("memory") or [{}]
+        peak = max(s.get("main_mib", 0) for s in samples)
+        text = (
+            f"main RSS peak {peak:.0f} MiB, growth after warm-up {r.get('rss_growth_main_mib', 0):+.0f} MiB"
+        )
+        if "rss_growth_engine_mib" in r:
+            text += f"; engine {r['rss_growth_engine_mib']:+.0f} MiB"
+        return text
+
+    if r := runs.get("soak-stream"):
+        rows.append(
+            f"| soak, one stream ({r['measured_at'][:10]}) | {r['audio_s'] / 3600:.2f} h of audio, "
+            f"{r['speech_segments']} spoken segments, VAD on | {r['wall_s'] / 60:.1f} min "
+            f"({r['audio_s'] / r['wall_s']:.1f}x real time) | {r['finals']} / {r['utterances']} "
+            f"| {len(r['lost'])} | {len(r['violations'])} order violations, "
+            f"{r['feature_states_left']} engine states left | {mem(r)} |"
+        )
+    if r := runs.get("soak-captioner"):
+        rows.append(
+            f"| soak, captioner ({r['measured_at'][:10]}) | {r['participants']} speakers x "
+            f"{r['audio_s'] / r['participants'] / 60:.0f} min = {r['audio_s'] / 3600:.2f} h of audio, "
+            f"{r['sentences_said']} sentences with pauses | {r['wall_s'] / 60:.1f} min (real time) | "
+            f"{r['finals_published']} finals published for {r['sentences_said']} sentences "
+            f"| {len(r['lost'])} | {len(r['violations'])} captions after a final; "
+            f"{r['stream_errors']} stream errors, {r['finish_timeouts']} finish timeouts, "
+            f"{r['active_tracks_left']} tracks / {r['open_streams_left']} streams / "
+            f"{r['feature_states_left']} engine states left | {mem(r)} |"
+        )
+    if r := runs.get("churn"):
+        rows.append(
+            f"| churn, captioner ({r['measured_at'][:10]}) | {r['cycles']} join / speak-or-not / "
+            f"leave cycles | {r['wall_s'] / 60:.1f} min | {r['finals_published']} finals, "
+            f"{r['tracks_finished']} of {r['tracks_started']} tracks finished | 0 "
+            f"| leaks: {', '.join(r['leaks']) or 'none'} (asyncio tasks {r['tasks_before']} before, "
+            f"{r['tasks_after_warmup']} after 10 cycles, {r['tasks_after']} after all) | {mem(r)} |"
+        )
+    if r := runs.get("load"):
+        rows.append(
+            f"| load, {r['preset']} ({r['measured_at'][:10]}) | {r['streams']} real-time streams x "
+            f"{r['audio_s_per_stream']:.0f} s, `max_streams={r['streams']}` (one more refused: "
+            f'"{r["refused_extra_stream"]}") | {r["wall_s"]:.0f} s | {r["finals"]} / {r["utterances"]} '
+            f"| {len(r['lost'])} | {len(r['violations'])} order violations; {r['engine_steps']} steps for "
+            f"{r['chunks_if_one_step_per_chunk']} chunks (coalesced), interim lag p50 {r['lag_p50_s']} s, "
+            f"max {r['lag_max_s']} s | {mem(r)} |"
+        )
+    return "\n".join(rows)
+
+
+def write_report(results_dir: Path, doc: Path) -> None:
+    text = doc.read_text()
+    head, rest = text.split(FIGURES_START, 1)
+    _, tail = rest.split(FIGURES_END, 1)
+    doc.write_text(f"{head}{FIGURES_START}\n{render_figures(results_dir)}\n{FIGURES_END}{tail}")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["report"]:
+        write_report(Path("results/reliability"), Path("docs/reliability.md"))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", choices=["soak-stream", "soak-captioner", "churn", "load"])
     p.add_argument("--preset", default=None, help="synthetic checkpoint: tiny (default) or 0.6b (load)")

@@ -330,11 +330,18 @@ async def _run_step(
     """One engine step with LiveKit error mapping, so the framework's retry logic applies."""
     budget = step_token_budget(plan, opts.max_new_tokens)
     request = StepRequest(plan.prompt, plan.audio, budget, stream_id, reuse_windows=reuse_windows)
+    # `timeout` is for a step on an otherwise idle engine. Steps in flight share the engine (one
+    # batch), so a step that starts beside k others may take (k + 1) x as long: under load, steps
+    # slow down instead of timing out and being retried (a retry redoes the work: load grows).
+    sharing = 1 + max(0, engine.stats.in_flight)
+    limit = timeout * sharing
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit):
             return await engine.step(request)
     except TimeoutError as e:
-        raise APITimeoutError(f"Qwen3-ASR step exceeded {timeout:.1f} s") from e
+        raise APITimeoutError(
+            f"Qwen3-ASR step exceeded {limit:.1f} s ({sharing} step(s) sharing the engine)"
+        ) from e
     except RequestRejectedError as e:
         raise APIStatusError(str(e), status_code=400, retryable=False) from e
     except EngineError as e:
