@@ -390,7 +390,9 @@ async def load(engine: Any, *, streams: int, seconds: float, seed: int = 0) -> d
 # -- CLI ---------------------------------------------------------------------------------------------
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     model = str(ensure_checkpoint(args.preset))
-    engine = await VLLMEngine.start(EngineOptions(model=model, max_model_len=8192))
+    engine = await VLLMEngine.start(
+        EngineOptions(model=model, max_model_len=8192, kv_cache_gib=args.kv_cache_gib)
+    )
     try:
         if args.run == "soak-stream":
             result = await soak_stream(engine, minutes=args.minutes, speed=args.speed)
@@ -422,13 +424,28 @@ def render_figures(results_dir: Path) -> str:
     ]
 
     def mem(r: dict[str, Any]) -> str:
-        samples = r.get("memory") or [{}]
-        peak = max(s.get("main_mib", 0) for s in samples)
+        samples = r.get("memory") or []
+        if not samples:
+            return ""
+        first = samples[min(len(samples) - 1, len(samples) // 5)]  # after a 20 % warm-up
+        last = samples[-1]
         text = (
-            f"main RSS peak {peak:.0f} MiB, growth after warm-up {r.get('rss_growth_main_mib', 0):+.0f} MiB"
+            f"main RSS {first['main_mib']:.0f} -> {last['main_mib']:.0f} MiB "
+            f"(peak {max(x['main_mib'] for x in samples):.0f})"
         )
-        if "rss_growth_engine_mib" in r:
-            text += f"; engine {r['rss_growth_engine_mib']:+.0f} MiB"
+        if last.get("engine_mib"):
+            text += f"; vLLM processes {first['engine_mib']:.0f} -> {last['engine_mib']:.0f} MiB"
+        text += f" ({len(samples)} samples, from 20 % of the run to its end)"
+        window = samples[len(samples) // 5 :]
+        if len(window) >= 5 and window[-1]["at"] > window[0]["at"] and r["run"] != "load":
+            at = np.array([x["at"] for x in window])
+            unit, per = ("h of audio", 3600.0) if r["run"] == "soak-stream" else ("", 0.0)
+            if r["run"] == "churn":
+                unit, per = "1000 cycles", 1000.0
+            elif r["run"] == "soak-captioner":
+                unit, per = "h", 3600.0
+            slopes = [np.polyfit(at, [x[k] for x in window], 1)[0] * per for k in ("main_mib", "engine_mib")]
+            text += f"; trend {slopes[0]:+.0f} / {slopes[1]:+.0f} MiB per {unit}"
         return text
 
     if r := runs.get("soak-stream"):
@@ -490,6 +507,7 @@ def main() -> None:
     p.add_argument("--cycles", type=int, default=1000)
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--seconds", type=float, default=90.0)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="vLLM KV cache (CPU default 2 GiB)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.preset = args.preset or ("0.6b" if args.run == "load" else "tiny")
