@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import aioice.ice
 
-_original = aioice.ice.get_host_addresses
-
 
 def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
     return ["127.0.0.1"] if use_ipv4 else []
@@ -20,11 +18,3 @@ def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 
 def restrict_to_loopback() -> None:
     aioice.ice.get_host_addresses = _loopback_addresses
-
-
-def restore_host_addresses() -> None:
-    aioice.ice.get_host_addresses = _original
-
-
-def loopback_restricted() -> bool:
-    return aioice.ice.get_host_addresses is _loopback_addresses

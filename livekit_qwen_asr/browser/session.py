@@ -129,10 +129,6 @@ class Call:
         self._open_segment: str | None = None
         self._last_text = ""
 
-    @property
-    def ended(self) -> bool:
-        return self._end_task is not None
-
     # -- wiring (aiortc callbacks) ---------------------------------------------------------------
     def attach_track(self, track: Any) -> None:
         if track.kind != "audio" or self._stream is not None:
