@@ -235,42 +235,35 @@ class Call:
                 self.info.first_interim_at = now
             self._open_segment, self._last_text = ev.request_id, text
         meta = (alt.metadata or {}) if alt is not None else {}
+        stable = text if final else str(meta.get("stable_text", ""))
+        self._broadcast_caption(ev.request_id, final, text, stable, alt)
+
+    def _close_open_segment(self) -> None:
+        """A failed stream leaves no interim dangling on the pages: close it with its last text."""
+        if self._open_segment is not None:
+            self._broadcast_caption(self._open_segment, True, self._last_text, self._last_text)
+            self.info.finals += 1
+            self._open_segment, self._last_text = None, ""
+
+    def _broadcast_caption(
+        self, segment: str, final: bool, text: str, stable: str, alt: stt.SpeechData | None = None
+    ) -> None:
+        meta = (alt.metadata or {}) if alt is not None else {}
         self._hub.broadcast(
             {
                 "type": "caption",
                 "call": self.info.id,
                 "speaker": self.info.label,
-                "segment": ev.request_id,
+                "segment": segment,
                 "final": final,
                 "text": text,
-                "stable": str(meta.get("stable_text", "")) if not final else text,
+                "stable": stable,
                 "language": str(alt.language or "") if alt is not None else "",
                 "start": round(alt.start_time, 3) if alt is not None else None,
                 "end": round(alt.end_time, 3) if alt is not None else None,
                 "synthetic": bool(meta.get("synthetic_model", False)),
             }
         )
-
-    def _close_open_segment(self) -> None:
-        """A failed stream leaves no interim dangling on the pages: close it with its last text."""
-        if self._open_segment is not None:
-            self._hub.broadcast(
-                {
-                    "type": "caption",
-                    "call": self.info.id,
-                    "speaker": self.info.label,
-                    "segment": self._open_segment,
-                    "final": True,
-                    "text": self._last_text,
-                    "stable": self._last_text,
-                    "language": "",
-                    "start": None,
-                    "end": None,
-                    "synthetic": False,
-                }
-            )
-            self.info.finals += 1
-            self._open_segment, self._last_text = None, ""
 
     # -- ending ----------------------------------------------------------------------------------
     def end(self, reason: str) -> asyncio.Task[None]:
