@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.reliability soak-captioner [--participants 6] [--minutes 10]
     .venv/bin/python -m bench.reliability churn         [--cycles 1000]
     .venv/bin/python -m bench.reliability load          [--streams 8] [--seconds 90] [--preset 0.6b]
+    .venv/bin/python -m bench.reliability engine-memory [--streams 6] [--minutes 6] [--mm-cache-gib 4]
 
 Audio: slices (2-8 s) of the bundled espeak-ng speech separated by 1-2.5 s pauses, generated as it is
 played (memory stays flat however long the run). Every run checks its own invariants and returns them
@@ -30,8 +31,10 @@ from livekit import rtc
 from livekit.agents import stt as lk_stt
 
 from livekit_qwen_asr import STT, TooManyStreamsError
+from livekit_qwen_asr.allocator import loaded_allocator
 from livekit_qwen_asr.captioner import RoomCaptioner
-from livekit_qwen_asr.engine import EngineOptions, VLLMEngine
+from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine, options_replace
+from livekit_qwen_asr.features import HOP, WINDOW_FRAMES
 from livekit_qwen_asr.samples import bundled_speech_path, iter_frames, read_wav, upsample_to_stereo
 from livekit_qwen_asr.synthetic import ensure_checkpoint
 
@@ -64,15 +67,27 @@ class MemorySampler:
         self.samples: list[dict[str, float]] = []
         self._proc = psutil.Process()
 
-    def sample(self, at: float) -> None:
+    def sample(self, at: float, **extra: float) -> None:
         main = self._proc.memory_info().rss
-        children = 0
+        children = core = worker = 0
         for c in self._proc.children(recursive=True):
             try:
-                children += c.memory_info().rss
+                rss, title = c.memory_info().rss, " ".join(c.cmdline())
             except psutil.Error:
-                pass
-        self.samples.append({"at": round(at, 1), "main_mib": main / 2**20, "engine_mib": children / 2**20})
+                continue
+            children += rss
+            core += rss if "EngineCore" in title else 0  # vLLM names its processes (setproctitle)
+            worker += rss if "Worker" in title else 0
+        self.samples.append(
+            {
+                "at": round(at, 1),
+                "main_mib": main / 2**20,
+                "engine_mib": children / 2**20,
+                "engine_core_mib": core / 2**20,
+                "worker_mib": worker / 2**20,
+                **extra,
+            }
+        )
 
     def growth(self, key: str = "main_mib", warmup: float = 0.2) -> float:
         """MiB gained between the end of the warm-up fraction and the end."""
@@ -387,17 +402,78 @@ async def load(engine: Any, *, streams: int, seconds: float, seed: int = 0) -> d
     }
 
 
+# -- engine memory: the EngineCore's multimodal cache ------------------------------------------------
+async def engine_memory(engine: Any, *, streams: int, minutes: float, seed: int = 0) -> dict[str, Any]:
+    """`streams` rollback loops straight on the engine, as fast as it serves them, for `minutes`:
+    each utterance grows by a 2 s chunk per step up to 2-30 s, then the next one starts. The audio is
+    noise at random offsets, so every step's open-window item is new: the worst case for vLLM's
+    multimodal processor cache, which keeps new items in the EngineCore until `mm_cache_gib` is full.
+    RSS per vLLM process against steps and against the bytes of new items sent."""
+    rng = np.random.default_rng(seed)
+    noise = (rng.standard_normal(40 * SR) * 0.1).astype(np.float32)
+    prompt = engine.base_prompt("")
+    mem = MemorySampler()
+    steps = 0
+    new_item_bytes = 0  # the open window's features (128 mel x frames, float32), new every step
+    t0 = time.perf_counter()
+    stop = t0 + minutes * 60
+
+    async def loop(k: int) -> None:
+        nonlocal steps, new_item_bytes
+        r = np.random.default_rng(seed + 1 + k)
+        u = 0
+        while time.perf_counter() < stop:
+            sid, u = f"mem{k}-{u}", u + 1
+            start = int(r.integers(0, SR))
+            for chunk in range(1, int(r.integers(1, 16)) + 1):
+                audio = noise[start : start + chunk * 2 * SR - int(r.integers(0, SR // 2))]
+                await engine.step(StepRequest(prompt, audio, 16, sid))
+                steps += 1
+                new_item_bytes += 128 * 4 * ((audio.shape[0] // HOP) % WINDOW_FRAMES or WINDOW_FRAMES)
+                if time.perf_counter() >= stop:
+                    break
+            engine.release_stream(sid)
+
+    async def sample_memory() -> None:
+        while True:
+            mem.sample(time.perf_counter() - t0, steps=steps, new_item_mib=new_item_bytes / 2**20)
+            await asyncio.sleep(max(2.0, minutes * 60 / 40))
+
+    sampler = asyncio.create_task(sample_memory())
+    await asyncio.gather(*(loop(k) for k in range(streams)))
+    sampler.cancel()
+    mem.sample(time.perf_counter() - t0, steps=steps, new_item_mib=new_item_bytes / 2**20)
+    first, last = mem.samples[0], mem.samples[-1]
+    half = mem.samples[len(mem.samples) // 2]
+    return {
+        "streams": streams,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "steps": steps,
+        "new_item_mib": round(new_item_bytes / 2**20, 1),
+        "engine_core_growth_mib": round(last["engine_core_mib"] - first["engine_core_mib"], 1),
+        "engine_core_growth_second_half_mib": round(last["engine_core_mib"] - half["engine_core_mib"], 1),
+        "worker_growth_mib": round(last["worker_mib"] - first["worker_mib"], 1),
+        "worker_growth_second_half_mib": round(last["worker_mib"] - half["worker_mib"], 1),
+        "rss_growth_main_mib": round(mem.growth(), 1),
+        "feature_states_left": _feature_states(engine),
+        "memory": mem.samples,
+    }
+
+
 # -- CLI ---------------------------------------------------------------------------------------------
 async def _main(args: argparse.Namespace) -> dict[str, Any]:
     model = str(ensure_checkpoint(args.preset))
-    engine = await VLLMEngine.start(
-        EngineOptions(model=model, max_model_len=8192, kv_cache_gib=args.kv_cache_gib)
-    )
+    options = EngineOptions(model=model, max_model_len=8192, kv_cache_gib=args.kv_cache_gib)
+    if args.mm_cache_gib is not None:
+        options = options_replace(options, mm_cache_gib=args.mm_cache_gib)
+    engine = await VLLMEngine.start(options)
     try:
         if args.run == "soak-stream":
             result = await soak_stream(engine, minutes=args.minutes, speed=args.speed)
         elif args.run == "soak-captioner":
             result = await soak_captioner(engine, participants=args.participants, minutes=args.minutes)
+        elif args.run == "engine-memory":
+            result = await engine_memory(engine, streams=args.streams, minutes=args.minutes)
         elif args.run == "churn":
             result = await churn(engine, cycles=args.cycles)
         else:
@@ -408,6 +484,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "run": args.run,
         "preset": args.preset,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "allocator": loaded_allocator(),  # vLLM's processes are forked from this one: the same
+        "mm_cache_gib": options.mm_cache_gib,
         **result,
     }
 
@@ -435,7 +513,12 @@ def render_figures(results_dir: Path) -> str:
         )
         if last.get("engine_mib"):
             text += f"; vLLM processes {first['engine_mib']:.0f} -> {last['engine_mib']:.0f} MiB"
-        text += f" ({len(samples)} samples, from 20 % of the run to its end)"
+        text += f" ({len(samples)} samples, from 20 % of the run to its end"
+        text += (
+            f"; {r['allocator']} malloc, `mm_cache_gib={r['mm_cache_gib']:g}`)"
+            if "allocator" in r
+            else ("; run before the cap: glibc malloc, vLLM's 4 GiB multimodal cache)")
+        )
         window = samples[len(samples) // 5 :]
         if len(window) >= 5 and window[-1]["at"] > window[0]["at"] and r["run"] != "load":
             at = np.array([x["at"] for x in window])
@@ -484,7 +567,24 @@ def render_figures(results_dir: Path) -> str:
             f"{r['chunks_if_one_step_per_chunk']} chunks (coalesced), interim lag p50 {r['lag_p50_s']} s, "
             f"max {r['lag_max_s']} s | {mem(r)} |"
         )
+    for name in sorted(runs, key=lambda n: (n != "engine-memory", n)):  # the current setup first
+        if runs[name].get("run") == "engine-memory":
+            rows.append(_engine_memory_row(runs[name]))
     return "\n".join(rows)
+
+
+def _engine_memory_row(r: dict[str, Any]) -> str:
+    first, half, last = r["memory"][0], r["memory"][len(r["memory"]) // 2], r["memory"][-1]
+    return (
+        f"| engine memory, {r['allocator']} malloc, `mm_cache_gib={r['mm_cache_gib']:g}` "
+        f"({r['measured_at'][:10]}) | {r['streams']} rollback loops straight on the engine, as fast as "
+        f"it serves them; {r['steps']} steps, {r['new_item_mib'] / 1024:.2f} GiB of new audio items "
+        f"| {r['wall_s'] / 60:.1f} min | - | - | {r['feature_states_left']} engine states left "
+        f"| EngineCore {first['engine_core_mib']:.0f} -> {half['engine_core_mib']:.0f} (half-way) -> "
+        f"{last['engine_core_mib']:.0f} MiB; worker {first['worker_mib']:.0f} -> "
+        f"{half['worker_mib']:.0f} -> {last['worker_mib']:.0f} MiB; main {first['main_mib']:.0f} -> "
+        f"{last['main_mib']:.0f} MiB |"
+    )
 
 
 def write_report(results_dir: Path, doc: Path) -> None:
@@ -499,18 +599,20 @@ def main() -> None:
         write_report(Path("results/reliability"), Path("docs/reliability.md"))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", choices=["soak-stream", "soak-captioner", "churn", "load"])
+    p.add_argument("run", choices=["soak-stream", "soak-captioner", "churn", "load", "engine-memory"])
     p.add_argument("--preset", default=None, help="synthetic checkpoint: tiny (default) or 0.6b (load)")
     p.add_argument("--minutes", type=float, default=None)
     p.add_argument("--speed", type=float, default=12.0)
     p.add_argument("--participants", type=int, default=6)
     p.add_argument("--cycles", type=int, default=1000)
-    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--streams", type=int, default=None, help="load: 8, engine-memory: 6")
     p.add_argument("--seconds", type=float, default=90.0)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="vLLM KV cache (CPU default 2 GiB)")
+    p.add_argument("--mm-cache-gib", type=float, default=None, help="EngineOptions.mm_cache_gib")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     args.preset = args.preset or ("0.6b" if args.run == "load" else "tiny")
+    args.streams = args.streams or (8 if args.run == "load" else 6)
     if args.minutes is None:
         args.minutes = 60.0 if args.run == "soak-stream" else 10.0
     result = asyncio.run(_main(args))

@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "${QWEN_ASR_SETUP:-cpu}"
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+source scripts/preload.sh
 .venv/bin/python -m bench.run "$@"
 if [ "$#" -eq 0 ]; then
   # the default run is the one docs/performance.md shows: re-render it (table, targets, plots)

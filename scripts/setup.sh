@@ -11,17 +11,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-# Debian packages the tests use: espeak-ng and sox (test speech), chromium (the real-browser test of
-# the caption page; fonts-dejavu-core so its screenshot has glyphs). Installed when missing.
+# Debian packages: espeak-ng and sox (test speech), chromium (the real-browser test of the caption
+# page; fonts-dejavu-core so its screenshot has glyphs), tcmalloc. Installed when missing.
 APT=()
 command -v espeak-ng >/dev/null || APT+=(espeak-ng)
 command -v sox >/dev/null || APT+=(sox)
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || APT+=(chromium fonts-dejavu-core)
+# tcmalloc for vLLM's CPU processes (scripts/preload.sh preloads it; docs/reliability.md#memory)
+ldconfig -p 2>/dev/null | grep -q "libtcmalloc_minimal\.so\.4 " || APT+=(libtcmalloc-minimal4)
 if [ "${#APT[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}" >/dev/null
   else
-    echo "warning: the tests need: ${APT[*]} (apt-get install ${APT[*]})" >&2
+    echo "warning: missing: ${APT[*]} (apt-get install ${APT[*]})" >&2
   fi
 fi
 STAMP=".venv/.installed-$STACK-$(sha1sum pyproject.toml | cut -c1-12)"

@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh cpu
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+source scripts/preload.sh
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest -p no:cacheprovider -q "$@"

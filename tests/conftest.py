@@ -34,7 +34,13 @@ async def engine(tiny_checkpoint: Path):
     from livekit_qwen_asr.engine import EngineOptions, VLLMEngine
 
     eng = await VLLMEngine.start(
-        EngineOptions(model=str(tiny_checkpoint), max_model_len=4096, kv_cache_gib=1, dtype="float32")
+        EngineOptions(
+            model=str(tiny_checkpoint),
+            max_model_len=4096,
+            kv_cache_gib=1,
+            dtype="float32",
+            mm_cache_gib=0.03,  # small enough for test_reliability_runs to fill it in a minute
+        )
     )
     yield eng
     await eng.aclose()

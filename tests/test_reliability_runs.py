@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench.reliability import churn, load, soak_captioner, soak_stream
+from bench.reliability import churn, engine_memory, load, soak_captioner, soak_stream
+from livekit_qwen_asr.engine import EngineOptions
+from livekit_qwen_asr.errors import InvalidOptionError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,3 +41,23 @@ async def test_load_beyond_max_streams_is_refused_and_loses_nothing(engine):
     assert "max_streams=6" in r["refused_extra_stream"]
     assert r["lost"] == [] and r["violations"] == [] and r["finals"] == r["utterances"] > 0
     assert r["open_streams_left"] == 0
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), "1", True, None])
+def test_mm_cache_gib_is_validated(bad):
+    with pytest.raises(InvalidOptionError, match="mm_cache_gib"):
+        EngineOptions(model="m", mm_cache_gib=bad)
+    assert EngineOptions(model="m", mm_cache_gib=0).mm_cache_gib == 0  # 0 = vLLM's cache off
+
+
+async def test_engine_core_memory_levels_off_at_the_mm_cache_cap(engine):
+    # every step sends a new open-window item; vLLM's EngineCore keeps them in its multimodal
+    # processor cache, which EngineOptions.mm_cache_gib caps (vLLM's own default: 4 GiB)
+    config = engine._llm.vllm_config.model_config.multimodal_config
+    assert config.mm_processor_cache_gb == engine.options.mm_cache_gib
+    cap_mib = engine.options.mm_cache_gib * 1024
+    r = await engine_memory(engine, streams=6, minutes=1.25)
+    assert r["new_item_mib"] > 8 * cap_mib  # the run pushed far more through than the cache holds
+    # uncapped, the EngineCore grows by about the bytes of new items sent (docs/reliability.md)
+    assert r["engine_core_growth_mib"] < r["new_item_mib"] / 4
+    assert r["feature_states_left"] == 0

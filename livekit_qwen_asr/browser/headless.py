@@ -185,6 +185,8 @@ class HeadlessChromium:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            # a tcmalloc preloaded for vLLM (scripts/preload.sh) is not meant for Chromium
+            env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
         )
         ws_url = await self._devtools_url(timeout)
         self._http = aiohttp.ClientSession()
