@@ -519,6 +519,13 @@ def render_figures(results_dir: Path) -> str:
             if "allocator" in r
             else ("; run before the cap: glibc malloc, vLLM's 4 GiB multimodal cache)")
         )
+        if "worker_mib" in last and len(samples) >= 8:
+            # per process, growth in each quarter of the run: levelling off shows as shrinking steps
+            q = [samples[round(i * (len(samples) - 1) / 4)] for i in range(5)]
+            for key, label in (("engine_core_mib", "EngineCore"), ("worker_mib", "worker")):
+                steps = " / ".join(f"{b[key] - a[key]:+.0f}" for a, b in zip(q, q[1:], strict=False))
+                text += f"; {label} {q[0][key]:.0f} -> {q[-1][key]:.0f} MiB, by quarter {steps}"
+            return text
         window = samples[len(samples) // 5 :]
         if len(window) >= 5 and window[-1]["at"] > window[0]["at"] and r["run"] != "load":
             at = np.array([x["at"] for x in window])
