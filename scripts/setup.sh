@@ -18,7 +18,7 @@ command -v espeak-ng >/dev/null || APT+=(espeak-ng)
 command -v sox >/dev/null || APT+=(sox)
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || APT+=(chromium fonts-dejavu-core)
 # tcmalloc for vLLM's CPU processes (scripts/preload.sh preloads it; docs/reliability.md#memory)
-ldconfig -p 2>/dev/null | grep -q "libtcmalloc_minimal\.so\.4 " || APT+=(libtcmalloc-minimal4)
+(source scripts/preload.sh && [[ "${LD_PRELOAD:-}" == *libtcmalloc* ]]) || APT+=(libtcmalloc-minimal4)
 if [ "${#APT[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${APT[@]}" >/dev/null
