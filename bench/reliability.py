@@ -34,7 +34,7 @@ from livekit_qwen_asr import STT, TooManyStreamsError
 from livekit_qwen_asr.allocator import loaded_allocator
 from livekit_qwen_asr.captioner import RoomCaptioner
 from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine, options_replace
-from livekit_qwen_asr.features import HOP, WINDOW_FRAMES
+from livekit_qwen_asr.features import HOP, split_windows
 from livekit_qwen_asr.samples import bundled_speech_path, iter_frames, read_wav, upsample_to_stereo
 from livekit_qwen_asr.synthetic import ensure_checkpoint
 
@@ -429,7 +429,7 @@ async def engine_memory(engine: Any, *, streams: int, minutes: float, seed: int 
                 audio = noise[start : start + chunk * 2 * SR - int(r.integers(0, SR // 2))]
                 await engine.step(StepRequest(prompt, audio, 16, sid))
                 steps += 1
-                new_item_bytes += 128 * 4 * ((audio.shape[0] // HOP) % WINDOW_FRAMES or WINDOW_FRAMES)
+                new_item_bytes += 128 * 4 * split_windows(audio.shape[0] // HOP)[-1]  # the open item
                 if time.perf_counter() >= stop:
                     break
             engine.release_stream(sid)
