@@ -2,7 +2,8 @@
 preemptive generation fed by our preflight transcripts.
 
     export LIVEKIT_URL=... LIVEKIT_API_KEY=... LIVEKIT_API_SECRET=...
-    python examples/voice_agent.py dev        # or: start / console
+    python -m livekit.agents start examples/voice_agent.py --dev   # the module-level `server` below
+    python examples/voice_agent.py dev                             # the same (or: start)
 
 The STT streams partial text while the user talks. Its PREFLIGHT_TRANSCRIPT (the stable prefix the
 next step keeps) lets the session start the LLM reply before the user's turn is confirmed
@@ -12,14 +13,14 @@ flushes our stream at end of speech (the final follows). Our own endpointing is 
 
 The LLM and TTS go through LiveKit Inference (VOICE_AGENT_LLM / VOICE_AGENT_TTS, model strings as
 AgentSession accepts them). The engine is loaded once per worker process in prewarm and shared by all
-sessions of that process (see agent.py, whose `LoopThreadEngine` this reuses).
+sessions of that process (`qwen_asr.LoopThreadEngine`, as in agent.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
-from pathlib import Path
 
 from livekit.agents import (
     Agent,
@@ -27,18 +28,17 @@ from livekit.agents import (
     AgentSession,
     JobContext,
     JobProcess,
-    cli,
     inference,
 )
+from livekit.plugins import qwen_asr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # agent.py lives at the repo root
-from agent import LoopThreadEngine, Settings  # noqa: E402
-from livekit_qwen_asr import STT  # noqa: E402
+from livekit_qwen_asr.worker import WorkerSettings, run_script
 
 
-def _settings() -> Settings:
-    os.environ.setdefault("QWEN_ASR_ENDPOINTING_MS", "0")
-    return Settings.from_env()
+def _settings() -> WorkerSettings:
+    # our endpointing is off unless asked for: the session's VAD and turn detector own turn-taking
+    endpointing_ms = int(os.environ.get("QWEN_ASR_ENDPOINTING_MS") or 0)
+    return dataclasses.replace(WorkerSettings.from_env(), endpointing_ms=endpointing_ms)
 
 
 class Assistant(Agent):
@@ -50,7 +50,7 @@ class Assistant(Agent):
 
 def prewarm(proc: JobProcess) -> None:
     settings = _settings()
-    engine = LoopThreadEngine.shared(settings.engine_options())
+    engine = qwen_asr.LoopThreadEngine.shared(settings.engine_options())
     proc.userdata["vad"] = inference.VAD()
     engine.wait_ready(settings.load_timeout)
     proc.userdata["qwen_asr_engine"] = engine
@@ -58,8 +58,8 @@ def prewarm(proc: JobProcess) -> None:
 
 async def entrypoint(ctx: JobContext) -> None:
     settings = _settings()
-    engine: LoopThreadEngine = ctx.proc.userdata["qwen_asr_engine"]
-    stt = STT(
+    engine: qwen_asr.LoopThreadEngine = ctx.proc.userdata["qwen_asr_engine"]
+    stt = qwen_asr.STT(
         engine=engine,
         language=settings.language,
         context=settings.context,
@@ -80,16 +80,23 @@ async def entrypoint(ctx: JobContext) -> None:
     await session.generate_reply(instructions="Greet the user and offer your help.")
 
 
-def main() -> None:
-    settings = _settings()
+def make_server(settings: WorkerSettings) -> AgentServer:
     server = AgentServer(
         setup_fnc=prewarm,
         job_executor_type=settings.executor_type,
         initialize_process_timeout=settings.load_timeout,
     )
     server.rtc_session(entrypoint)
-    cli.run_app(server)
+    return server
+
+
+# the module-level AgentServer `lk agent` / `python -m livekit.agents start` discover in this file
+server = make_server(_settings())
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_script(__file__, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,8 @@
-"""livekit-qwen-asr: streaming Qwen3-ASR speech-to-text for LiveKit Agents, on vLLM."""
+"""livekit-qwen-asr: streaming Qwen3-ASR speech-to-text for LiveKit Agents, on vLLM.
 
-from livekit.agents import Plugin
+The implementation package; `livekit.plugins.qwen_asr` is the public LiveKit plugin import path and
+re-exports this API. Importing either registers the plugin with livekit-agents (once).
+"""
 
 from .engine import DEFAULT_MODEL, ASREngine, EngineOptions, EngineStats, StepRequest, StepResult, VLLMEngine
 from .errors import (
@@ -15,11 +17,13 @@ from .errors import (
     TooManyStreamsError,
     UnsupportedLanguageError,
 )
-from .log import logger
+from .loop_thread import LoopThreadEngine
+from .plugin import ModelDownloadError, QwenASRPlugin, download_model, register_plugin
 from .streaming import Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
 from .stt import STT, SpeechStream, STTOptions
 from .supervisor import SupervisedEngine
 from .version import __version__
+from .vllm_compat import UnsupportedVLLMError
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -34,7 +38,10 @@ __all__ = [
     "Hypothesis",
     "InvalidAudioError",
     "InvalidOptionError",
+    "LoopThreadEngine",
+    "ModelDownloadError",
     "QwenASRError",
+    "QwenASRPlugin",
     "RequestRejectedError",
     "STTOptions",
     "SpeechStream",
@@ -46,14 +53,11 @@ __all__ = [
     "SupervisedEngine",
     "TooManyStreamsError",
     "UnsupportedLanguageError",
+    "UnsupportedVLLMError",
     "VLLMEngine",
     "__version__",
+    "download_model",
 ]
 
 
-class QwenASRPlugin(Plugin):
-    def __init__(self) -> None:
-        super().__init__(__name__, __version__, __package__, logger)
-
-
-Plugin.register_plugin(QwenASRPlugin())
+register_plugin()

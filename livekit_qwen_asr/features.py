@@ -23,9 +23,12 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where features are computed: importing the plugin stays light
+    import torch
 
 N_FFT = 400
 HOP = 160
@@ -54,6 +57,8 @@ class FeatureItems:
     def as_mm_data(self) -> dict[str, torch.Tensor]:
         """`multi_modal_data["audio"]` for vLLM's Qwen3-ASR (needs the engine arg enable_mm_embeds).
         All three fields are required: a dict missing one kills vLLM's EngineCore."""
+        import torch
+
         mask = torch.zeros((len(self.sizes), WINDOW_FRAMES), dtype=torch.long)
         for i, s in enumerate(self.sizes):
             mask[i, :s] = 1
@@ -83,6 +88,8 @@ class UtteranceFeatures:
     """
 
     def __init__(self, mel_filters: np.ndarray) -> None:
+        import torch
+
         # the transposed view, as the extractor uses it (a contiguous copy may change the BLAS path)
         self._filters_t = torch.from_numpy(np.asarray(mel_filters)).to(torch.float32).T
         self._window = torch.hann_window(N_FFT, dtype=torch.float32)
@@ -90,6 +97,8 @@ class UtteranceFeatures:
         self._clear()
 
     def _clear(self) -> None:
+        import torch
+
         self._audio = np.zeros(0, np.float32)
         self._log = torch.zeros((self._filters_t.shape[0], 0))  # log10 mel, before the floor
         self._final = 0  # leading frames of _log that later audio cannot change
@@ -116,6 +125,8 @@ class UtteranceFeatures:
             return self._normalized(frames)
 
     def _extend(self, x: np.ndarray, frames: int) -> None:
+        import torch
+
         # Recompute every frame that was not final, and at least MIN_COLUMNS frames: the BLAS matmul
         # rounds a column the same whatever the column count only from about 12 columns up.
         start = min(self._final, frames - MIN_COLUMNS)
@@ -147,6 +158,8 @@ class UtteranceFeatures:
         self._out_valid = min(self._out_valid, start)
 
     def _normalized(self, frames: int) -> torch.Tensor:
+        import torch
+
         tail_max = float(self._log[:, self._final : frames].max()) if frames > self._final else -math.inf
         floor = max(self._max, tail_max) - 8.0
         if self._out is None or floor != self._out_floor:
@@ -163,6 +176,8 @@ class UtteranceFeatures:
 def self_check(mel_filters: np.ndarray, extractor: object, seed: int = 0) -> str | None:
     """Compare incremental features with `extractor` (a WhisperFeatureExtractor) on noise grown in
     steps of 1 frame to 2 s; None when bit-identical, else what differed."""
+    import torch
+
     rng = np.random.default_rng(seed)
     audio = (rng.standard_normal(6 * 16_000) * 0.1).astype(np.float32)
     audio[4 * 16_000 : 4 * 16_000 + 4000] *= 8  # a louder stretch later: the floor rises

@@ -473,7 +473,7 @@ def test_examples_import(name: str):
 
 
 class _LoopRecordingEngine:
-    """A stand-in engine for `agent.LoopThreadEngine`: records the loop each step runs on; a step
+    """A stand-in engine for `LoopThreadEngine`: records the loop each step runs on; a step
     for stream "hang" waits forever, so cancellation can be observed."""
 
     model_name = "fake"
@@ -505,10 +505,9 @@ class _LoopRecordingEngine:
 
 
 async def test_loop_thread_engine_hands_steps_across_loops():
-    """agent.py's engine lives on its own loop thread (prewarm has no loop; each job has its own):
+    """The worker's engine lives on its own loop thread (prewarm has no loop; each job has its own):
     steps awaited on this loop run on the engine's loop, and cancelling the caller cancels them there."""
-    sys.path.insert(0, str(REPO))
-    from agent import LoopThreadEngine
+    from livekit_qwen_asr.loop_thread import LoopThreadEngine
 
     fake = _LoopRecordingEngine()
 
