@@ -13,11 +13,17 @@ import dataclasses
 import json
 import math
 import os
+import re
+import shutil
+import tempfile
+import threading
 import time
 import uuid
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -69,6 +75,10 @@ class StepResult:
     # audio seconds whose audio tokens were not all served from the prefix cache, i.e. that the audio
     # encoder had to produce (an upper bound: vLLM's encoder cache may still have some of them)
     encoded_seconds: float = 0.0
+    # natural-log probability of each generated token (the sampled one, from the model's raw logits),
+    # in generation order: one per generated token, each <= 0. Empty when the engine has none (test
+    # doubles, other engines). The stt layer turns them into SpeechData.confidence.
+    token_logprobs: tuple[float, ...] = ()
 
     @property
     def wall_s(self) -> float:
@@ -185,7 +195,14 @@ class EngineOptions:
     dtype: str = "auto"  # checkpoint dtype (bf16 for Qwen3-ASR)
     max_model_len: int = 8192  # prompt + generated tokens; 13 audio tokens per second
     kv_cache_gib: float | None = None  # CPU: 2 GiB; GPU: vLLM's gpu_memory_utilization rule
-    gpu_memory_utilization: float | None = None  # GPU only; vLLM default 0.9
+    # GPU only (CUDA): the fraction of the *whole* GPU's memory this engine process may take (weights,
+    # activations, CUDA graphs, KV cache). vLLM's own default (0.9) lets one engine take the GPU, so a
+    # second LiveKit job process (each job process loads its own engine) fails to start. Qwen3-ASR-0.6B
+    # needs ~1.6 GiB of bf16 weights plus ~1-2 GiB of activations/graphs; 0.3 leaves ~2-4 GiB of KV
+    # cache on a 16-24 GiB GPU (~20-35 k tokens: 40+ concurrent 30 s utterances at 13 tokens/s) and
+    # lets 3 engine processes share one GPU (3 x 0.3 = 0.9). Use ~0.9 for one engine per GPU, or
+    # kv_cache_gib for an absolute KV size.
+    gpu_memory_utilization: float = 0.3
     max_num_seqs: int | None = None  # concurrent sequences per batch; vLLM default
     cpu_threads: str | None = None  # CPU only: cores for OMP, e.g. "0-1"; default all cores
     enforce_eager: bool | None = None  # default True on CPU (fast start), False on GPU
@@ -213,6 +230,9 @@ class EngineOptions:
             raise InvalidOptionError(f"mm_cache_gib must be >= 0, got {self.mm_cache_gib}")
         if self.max_restarts < 0:
             raise InvalidOptionError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, int | float) or not 0 < util <= 1:  # NaN too
+            raise InvalidOptionError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
 
 
 class _HFCodec:
@@ -322,7 +342,12 @@ def synthetic_marker(model_dir: Path | None) -> bool:
 class VLLMEngine:
     """Qwen3-ASR on an in-process vLLM `AsyncLLM`. Create with `await VLLMEngine.start(options)`."""
 
+    # SamplingParams(logprobs=0): vLLM V1 returns the sampled token's logprob (StepResult.token_logprobs)
+    _logprobs = True
+
     def __init__(self, llm: Any, options: EngineOptions, model_dir: Path | None, startup_s: float) -> None:
+        # blocking (tokenizer, chat template, feature extractor and its self-check): start() runs it
+        # in a thread together with the AsyncLLM construction
         self._llm = llm
         self._options = options
         self._model_dir = model_dir
@@ -332,16 +357,42 @@ class VLLMEngine:
         self._template = _load_chat_template(model_dir)
         self._stats = EngineStats()
         self._closed = False
+        self._core_log: _EngineCoreLog | None = None
         self._synthetic = synthetic_marker(model_dir)
         self._audio_start_id = self._tokenizer.convert_tokens_to_ids("<|audio_start|>")
         self._features = _feature_cache(options, model_dir)
+        _warm_logprob_detokenizer(self._tokenizer)
         probe = self.base_prompt("")
         if probe.count(AUDIO_PLACEHOLDER) != 1:
             raise EngineUnavailableError(f"chat template renders no single audio placeholder: {probe!r}")
 
     @classmethod
     async def start(cls, options: EngineOptions | None = None) -> VLLMEngine:
+        """Start vLLM without blocking the running loop: the blocking part (importing vLLM and torch,
+        building the config, spawning the EngineCore and waiting for its model load, loading the
+        tokenizer and feature extractor: 10-150 s) runs in a worker thread, so the streams, VADs and
+        audio pushes this loop serves keep running (and a LiveKit job process keeps answering pings)."""
         options = options or EngineOptions()
+        engine, cuda = await _off_loop(
+            lambda: cls._build(options), lambda built: built[0]._close_in_background()
+        )
+        try:
+            engine._bind_loop()
+            if engine._features is not None:
+                await engine._check_window_reuse()
+        except BaseException:  # cancelled (or failed) during the probe: do not leak the EngineCore
+            engine._close_in_background()
+            raise
+        engine._stats = EngineStats()  # the probe's steps are not the caller's
+        logger.info(
+            "engine ready",
+            extra={"model": options.model, "startup_s": round(engine.startup_s, 1), "cuda": cuda},
+        )
+        return engine
+
+    @classmethod
+    def _build(cls, options: EngineOptions) -> tuple[VLLMEngine, bool]:
+        """The blocking part of `start` (runs in a worker thread; touches no event loop)."""
         t0 = time.perf_counter()
         cuda = _cuda_available()
         if not cuda:
@@ -349,7 +400,7 @@ class VLLMEngine:
                 logger.warning(advice)
             # vLLM's CPU backend reserves a core unless told otherwise; use them all by default.
             os.environ.setdefault(
-                "VLLM_CPU_OMP_THREADS_BIND", options.cpu_threads or f"0-{os.cpu_count() - 1}"
+                "VLLM_CPU_OMP_THREADS_BIND", options.cpu_threads or f"0-{(os.cpu_count() or 1) - 1}"
             )
         try:
             from vllm import AsyncEngineArgs
@@ -358,48 +409,65 @@ class VLLMEngine:
             raise EngineUnavailableError(
                 "vLLM is not installed: `pip install livekit-qwen-asr[cpu]` (CPU) or `[gpu]`"
             ) from e
-        kwargs: dict[str, Any] = dict(
-            model=options.model,
-            dtype=options.dtype,
-            max_model_len=options.max_model_len,
-            enable_prefix_caching=options.enable_prefix_caching,
-            limit_mm_per_prompt={"audio": max_audio_items(options)},
-            enforce_eager=(not cuda) if options.enforce_eager is None else options.enforce_eager,
-            mm_processor_cache_gb=options.mm_cache_gib,
-        )
-        if options.max_num_seqs is not None:
-            kwargs["max_num_seqs"] = options.max_num_seqs
-        if cuda:
-            if options.gpu_memory_utilization is not None:
-                kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
-            if options.kv_cache_gib is not None:
-                kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
-        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
-        reuse = options.reuse_windows and "enable_mm_embeds" in getattr(
-            AsyncEngineArgs, "__dataclass_fields__", {}
-        )
-        if reuse:
-            kwargs["enable_mm_embeds"] = True  # precomputed feature items (features.py)
-        elif options.reuse_windows:
+        from .vllm_compat import check_vllm
+
+        check_vllm()  # UnsupportedVLLMError naming vllm.__version__ and each missing surface
+        fields = getattr(AsyncEngineArgs, "__dataclass_fields__", {})
+        reuse = options.reuse_windows and "enable_mm_embeds" in fields
+        if options.reuse_windows and not reuse:
             logger.warning("window reuse disabled: this vLLM has no enable_mm_embeds")
-        kwargs.update(dict(options.extra))
+        kwargs = _engine_kwargs(
+            options, cuda=cuda, kv_env=bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE")), mm_embeds=reuse
+        )
         model_dir = _resolve_local_dir(options.model)
+        core_log = _EngineCoreLog.create(kwargs, fields)
         try:
-            llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-        except Exception as e:
-            raise EngineUnavailableError(f"could not start vLLM for {options.model!r}: {e}") from e
-        engine = cls(llm, options, model_dir, time.perf_counter() - t0)
+            if core_log is not None:
+                kwargs["logging_config"] = core_log.config
+            try:
+                llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+            except Exception as e:
+                tail = core_log.tail() if core_log is not None else ""
+                raise _map_start_error(e, options, cuda=cuda, child_log=tail) from e
+            finally:
+                if core_log is not None:
+                    core_log.detach_from_this_process()
+            try:
+                engine = cls(llm, options, model_dir, time.perf_counter() - t0)
+            except BaseException:
+                _shutdown_llm(llm)
+                raise
+        except BaseException:
+            if core_log is not None:
+                core_log.remove()
+            raise
+        engine._core_log = core_log
         if not reuse:
             engine._features = None
-        elif engine._features is not None:
-            await engine._check_window_reuse()
-        engine._stats = EngineStats()  # the probe's steps are not the caller's
-        logger.info(
-            "engine ready",
-            extra={"model": options.model, "startup_s": round(engine.startup_s, 1), "cuda": cuda},
-        )
-        return engine
+        return engine, cuda
+
+    def _bind_loop(self) -> None:
+        """Built in a thread, AsyncLLM found no running loop and deferred its output handler (and the
+        EngineCore output-socket task) to the first request: start them on this loop now, as building
+        it on the loop would have, so an EngineCore death before the first request is noticed."""
+        run = getattr(self._llm, "_run_output_handler", None)
+        if run is not None:
+            run()
+
+    def _close_in_background(self) -> None:
+        """Shut down without awaiting (a cancelled or failed start): a daemon thread joins vLLM."""
+        if self._closed:
+            return
+        self._closed = True
+        llm, self._llm = self._llm, None
+        threading.Thread(target=self._shutdown, args=(llm,), name="qwen-asr-shutdown", daemon=True).start()
+
+    def _shutdown(self, llm: Any) -> None:
+        try:
+            _shutdown_llm(llm)
+        finally:
+            if self._core_log is not None:
+                self._core_log.remove()
 
     # -- protocol --------------------------------------------------------------------------------
     @property
@@ -427,12 +495,17 @@ class VLLMEngine:
         return render_base_prompt(self._tokenizer, self._template, context)
 
     async def step(self, request: StepRequest) -> StepResult:
-        if self._closed:
+        llm = self._llm
+        if self._closed or llm is None:
             raise EngineUnavailableError("engine is closed")
         from vllm import SamplingParams
 
         audio = _checked_audio(request)
-        params = SamplingParams(temperature=0.0, max_tokens=max(1, int(request.max_tokens)))
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=max(1, int(request.max_tokens)),
+            logprobs=0 if self._logprobs else None,  # 0: only the sampled token's; greedy unchanged
+        )
         started = time.monotonic()  # our feature work counts, as vLLM's does in the raw path
         if self._features is not None and request.reuse_windows and audio.shape[0] >= N_FFT:
             # compute off the event loop: a long utterance's first step does a full STFT
@@ -451,7 +524,7 @@ class VLLMEngine:
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
         final = None
         try:
-            async for out in self._llm.generate(
+            async for out in llm.generate(
                 prompt, params, request_id=f"{request.stream_id}-{uuid.uuid4().hex[:12]}"
             ):
                 final = out
@@ -459,7 +532,8 @@ class VLLMEngine:
             raise
         except Exception as e:
             st.failed_steps += 1
-            raise _map_vllm_error(e) from e
+            log = self._core_log
+            raise _map_vllm_error(e, core_log=log.tail if log is not None else None) from e
         finally:
             st.in_flight -= 1
         finished = time.monotonic()
@@ -477,6 +551,7 @@ class VLLMEngine:
             finished_at=finished,
             audio_items=len(item_frames),
             encoded_seconds=self._encoded_seconds(final, item_frames),
+            token_logprobs=_sampled_logprobs(comp),
         )
         st.steps += 1
         st.prompt_tokens += result.prompt_tokens
@@ -532,10 +607,69 @@ class VLLMEngine:
         if not self._closed:
             self._closed = True
             llm, self._llm = self._llm, None
-            llm.shutdown()
-            # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when module globals are
-            # already torn down, and prints a TypeError; it has nothing left to do after this one.
-            llm.shutdown = lambda *args, **kwargs: None
+            # vLLM's shutdown joins the EngineCore process (seconds; up to its shutdown timeout when
+            # the process hangs, then a kill): in a thread. It hands its loop-bound parts (sockets,
+            # output tasks) back to their loop with call_soon_threadsafe, so this is safe.
+            await asyncio.to_thread(self._shutdown, llm)
+
+
+def _shutdown_llm(llm: Any) -> None:
+    try:
+        llm.shutdown()
+    finally:
+        # AsyncLLM.__del__ calls shutdown() again at interpreter exit, when module globals are
+        # already torn down, and prints a TypeError; it has nothing left to do after this one.
+        llm.shutdown = lambda *args, **kwargs: None
+
+
+_T = TypeVar("_T")
+
+
+async def _off_loop(fn: Callable[[], _T], discard: Callable[[_T], None]) -> _T:
+    """`fn()` in a worker thread, so the running loop keeps serving meanwhile. A thread cannot be
+    cancelled: if the caller is, `fn` still finishes and `discard` then disposes of its result (e.g.
+    shuts a started engine down) instead of leaking it."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+
+        def dispose(f: asyncio.Future[_T]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                discard(f.result())
+
+        fut.add_done_callback(dispose)
+        raise
+
+
+def _warm_logprob_detokenizer(tokenizer: Any) -> None:
+    """vLLM detokenizes logprob tokens on the event loop and, the first time, serializes the whole
+    tokenizer to JSON to find its space marker (1-2 s holding the GIL: a freeze on the first step of
+    the first stream). It caches the answer on the tokenizer: compute it now, in the start-up thread."""
+    try:
+        from vllm.tokenizers.detokenizer_utils import get_leading_space_marker
+
+        get_leading_space_marker(tokenizer)
+    except Exception:  # another vLLM version: nothing to warm
+        logger.debug("no logprob detokenizer to warm", exc_info=True)
+
+
+def _sampled_logprobs(comp: Any) -> tuple[float, ...]:
+    """The logprob of each generated token, from vLLM's per-position {token_id: Logprob} maps
+    (a list or vLLM's FlatLogprobs); () when the request asked for none."""
+    per_position = comp.logprobs
+    if not per_position:
+        return ()
+    tokens = list(comp.token_ids)
+    if len(per_position) != len(tokens):
+        return ()
+    out = []
+    for position, token in zip(per_position, tokens, strict=True):
+        entry = position.get(token) if position is not None else None
+        if entry is None:  # not expected from vLLM; no partial confidences
+            return ()
+        out.append(float(entry.logprob))
+    return tuple(out)
 
 
 # vLLM's log-mel reflect-pads each side by N_FFT / 2 and fails on audio that short: shorter (non-empty)
@@ -548,6 +682,16 @@ def _checked_audio(request: StepRequest) -> np.ndarray:
     audio = request.audio
     if not isinstance(request.prompt, str) or request.prompt.count(AUDIO_PLACEHOLDER) != 1:
         raise RequestRejectedError("the prompt must contain exactly one audio placeholder")
+    try:
+        # a lone surrogate (e.g. "\ud800" from a bad decode of the context or keyterms) fails in
+        # vLLM's tokenizer as a wrapped TypeError that looks transient: refuse it here, clearly
+        request.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = request.prompt[e.start : e.end]
+        raise RequestRejectedError(
+            f"the prompt cannot be encoded as UTF-8 (lone surrogate {bad!r} at {e.start}): "
+            "fix the context / keyterms text"
+        ) from e
     if not isinstance(audio, np.ndarray) or audio.ndim != 1 or audio.dtype != np.float32:
         raise RequestRejectedError("audio must be a 1-D float32 numpy array (16 kHz mono)")
     if audio.shape[0] == 0:
@@ -566,14 +710,195 @@ def max_audio_items(options: EngineOptions) -> int:
     return max(1, math.ceil(options.max_model_len / TOKENS_PER_WINDOW))
 
 
-def _map_vllm_error(e: Exception) -> EngineError:
+def _is_client_error(e: BaseException) -> bool:
+    """vLLM's request errors (4xx: VLLMValidationError & co, by class name so vLLM stays a lazy import)
+    and input errors (ValueError/TypeError/UnicodeError, e.g. from the tokenizer)."""
+    names = {c.__name__ for c in type(e).__mro__}
+    if "VLLMClientError" in names:
+        return True
+    status = getattr(e, "http_status", None)  # GracefulHTTPError: 503 (queue full) is transient
+    if "GracefulHTTPError" in names:
+        return status is not None and 400 <= int(status) < 500
+    return isinstance(e, ValueError | TypeError)  # UnicodeError is a ValueError
+
+
+def _map_vllm_error(e: Exception, core_log: Callable[[], str] | None = None) -> EngineError:
     name = type(e).__name__
     if name == "EngineDeadError":
-        return EngineUnavailableError(f"vLLM engine died: {e}")
-    if isinstance(e, ValueError | TypeError):
+        why = _last_error_line(core_log()) if core_log is not None else ""
+        return EngineUnavailableError(f"vLLM engine died: {e}" + (f" (EngineCore: {why})" if why else ""))
+    if name == "EngineGenerateError" and e.__cause__ is not None:
+        # generate() wraps whatever its input/output processing raised: the cause decides
+        cause = e.__cause__
+        if isinstance(cause, Exception) and _is_client_error(cause):
+            return RequestRejectedError(f"vLLM rejected the request: {type(cause).__name__}: {cause}")
+        return EngineError(f"vLLM step failed: {type(cause).__name__}: {cause}")
+    if _is_client_error(e):
         # input validation (e.g. prompt longer than max_model_len): the same request would fail again
         return RequestRejectedError(f"vLLM rejected the request: {e}")
     return EngineError(f"vLLM step failed: {name}: {e}")
+
+
+def _engine_kwargs(
+    options: EngineOptions, *, cuda: bool, kv_env: bool, mm_embeds: bool = False
+) -> dict[str, Any]:
+    """AsyncEngineArgs for `options` (`kv_env`: VLLM_CPU_KVCACHE_SPACE is set; `mm_embeds`: this
+    vLLM takes precomputed feature items)."""
+    kwargs: dict[str, Any] = dict(
+        model=options.model,
+        dtype=options.dtype,
+        max_model_len=options.max_model_len,
+        enable_prefix_caching=options.enable_prefix_caching,
+        limit_mm_per_prompt={"audio": max_audio_items(options)},
+        enforce_eager=(not cuda) if options.enforce_eager is None else options.enforce_eager,
+        mm_processor_cache_gb=options.mm_cache_gib,
+    )
+    if options.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = options.max_num_seqs
+    if cuda:
+        kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
+        if options.kv_cache_gib is not None:
+            kwargs["kv_cache_memory_bytes"] = int(options.kv_cache_gib * 2**30)
+    elif not kv_env:
+        # on CPU vLLM would size the KV cache from gpu_memory_utilization x host RAM: give it bytes
+        kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
+    if mm_embeds:
+        kwargs["enable_mm_embeds"] = True  # precomputed feature items (features.py)
+    kwargs.update(dict(options.extra))
+    return kwargs
+
+
+# vLLM's reasons for "the engine does not fit in the memory it may use" (vLLM 0.32:
+# v1/core/kv_cache_utils.py, v1/worker/utils.py, v1/worker/gpu_worker.py, v1/worker/cpu_worker.py),
+# raised in the EngineCore process: this one only sees "Engine core initialization failed".
+_MEMORY_REASONS = re.compile(
+    r"No available memory for the cache blocks"
+    r"|KV cache is needed, which is larger than the available KV cache memory"
+    r"|less than desired (?:GPU|CPU) memory utilization"
+    r"|exceed the desired GPU memory utilization"
+    r"|less than the engine's budget"
+    r"|Cannot auto-fit max_model_len"
+    r"|CUDA out of memory|OutOfMemoryError"
+)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b.*$", re.M)
+
+
+def _last_error_line(text: str) -> str:
+    """The last `SomeError: message` line of a log (a traceback's final line), shortened."""
+    lines = _EXCEPTION_LINE.findall(text or "")
+    return lines[-1].strip()[:500] if lines else ""
+
+
+def _map_start_error(e: Exception, options: EngineOptions, *, cuda: bool, child_log: str) -> EngineError:
+    """A failed vLLM start as a typed error that says why: memory problems name the option to change."""
+    if isinstance(e, EngineError):
+        return e
+    text = f"{child_log}\n{type(e).__name__}: {e}"
+    hits = [line.strip() for line in text.splitlines() if _MEMORY_REASONS.search(line)]
+    if hits:
+        reason = hits[-1][:500]
+        if cuda:
+            what = f"EngineOptions.gpu_memory_utilization={options.gpu_memory_utilization}"
+            if options.kv_cache_gib is not None:
+                what += f", kv_cache_gib={options.kv_cache_gib}"
+            return EngineUnavailableError(
+                f"vLLM cannot fit {options.model!r} in the GPU memory this engine may use "
+                f"({what}, max_model_len={options.max_model_len}): raise gpu_memory_utilization (the "
+                "fraction of the whole GPU per engine process), lower max_model_len, or run fewer "
+                f"engine processes on this GPU. vLLM: {reason}"
+            )
+        env = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        kv = options.kv_cache_gib if options.kv_cache_gib is not None else 2.0
+        what = f"VLLM_CPU_KVCACHE_SPACE={env} GiB" if env else f"EngineOptions.kv_cache_gib={kv}"
+        return EngineUnavailableError(
+            f"vLLM cannot fit the KV cache for {options.model!r} ({what}, "
+            f"max_model_len={options.max_model_len}): raise the KV cache size or lower max_model_len. "
+            f"vLLM: {reason}"
+        )
+    why = _last_error_line(child_log)
+    return EngineUnavailableError(
+        f"could not start vLLM for {options.model!r}: {e}" + (f" (EngineCore: {why})" if why else "")
+    )
+
+
+class _EngineCoreLog:
+    """A file where the EngineCore process also writes its vLLM ERROR records, so a failed start (or a
+    death) can say why: this process only gets "Engine core initialization failed. See root cause
+    above", the reason is logged in the EngineCore's. vLLM passes its logging config to the EngineCore;
+    we pass the default one plus a FileHandler. Not used when the user configures vLLM's logging."""
+
+    _HANDLER = "qwen_asr_enginecore_errors"
+
+    def __init__(self, directory: Path, config: Any) -> None:
+        self.directory = directory
+        self.path = directory / "errors.log"
+        self.config = config
+        # the EngineCore may write until it exits: removed by remove() after shutdown, or at exit
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(directory), True)
+
+    @classmethod
+    def create(cls, kwargs: dict[str, Any], fields: dict[str, Any]) -> _EngineCoreLog | None:
+        if "logging_config" not in fields or {"logging_config", "log_config_file"} & kwargs.keys():
+            return None
+        try:
+            import vllm.envs as envs
+            from vllm.config.logging import LoggingConfig
+            from vllm.logger import DEFAULT_LOGGING_CONFIG
+        except ImportError:
+            return None
+        if not envs.VLLM_CONFIGURE_LOGGING or envs.VLLM_LOGGING_CONFIG_PATH:
+            return None  # the user's own logging setup wins
+        import copy
+        import logging
+
+        directory = Path(tempfile.mkdtemp(prefix="qwen-asr-enginecore-"))
+        try:
+            # vLLM's default config, refreshed from the environment as vLLM does, plus our handler
+            cfg = copy.deepcopy(DEFAULT_LOGGING_CONFIG)
+            level = str(envs.VLLM_LOGGING_LEVEL).upper()
+            cfg["handlers"]["vllm"].update(level=level, stream=envs.VLLM_LOGGING_STREAM)
+            for formatter in cfg["formatters"].values():
+                formatter["log_level"] = level
+            numeric = logging.getLevelName(level)
+            cfg["loggers"]["vllm"]["level"] = (
+                logging.getLevelName(min(numeric, logging.ERROR)) if isinstance(numeric, int) else level
+            )
+            cfg["handlers"][cls._HANDLER] = {
+                "class": "logging.FileHandler",
+                "filename": str(directory / "errors.log"),
+                "level": "ERROR",
+                "delay": True,
+                "encoding": "utf-8",
+            }
+            cfg["loggers"]["vllm"]["handlers"] = [*cfg["loggers"]["vllm"]["handlers"], cls._HANDLER]
+            config_file = directory / "logging.json"
+            config_file.write_text(json.dumps(cfg))
+            return cls(directory, LoggingConfig(pylogging_config_file=str(config_file)))
+        except Exception:
+            logger.debug("EngineCore error capture unavailable", exc_info=True)
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+
+    def detach_from_this_process(self) -> None:
+        """vLLM applies the config here too: keep the file to the EngineCore's records."""
+        import logging
+
+        vllm_logger = logging.getLogger("vllm")
+        for h in list(vllm_logger.handlers):
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == self.path:
+                vllm_logger.removeHandler(h)
+                h.close()
+
+    def tail(self, limit: int = 64 * 1024) -> str:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - limit))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def remove(self) -> None:
+        self._finalizer()
 
 
 # -- one engine per process ----------------------------------------------------------------------
@@ -591,6 +916,7 @@ async def get_shared_engine(options: EngineOptions | None = None) -> ASREngine:
     options = options or EngineOptions()
     task = _shared.get(options)
     if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+        # SupervisedEngine.start -> VLLMEngine.start loads off this loop (streams keep running)
         task = asyncio.ensure_future(SupervisedEngine.start(options))
         _shared[options] = task
     return await asyncio.shield(task)

@@ -33,12 +33,15 @@ class SupervisedEngine(EngineProxy):
         self._closed = False
 
     @classmethod
-    async def start(cls, options: EngineOptions | None = None, *, max_restarts: int = 1) -> SupervisedEngine:
-        """The in-process vLLM engine for `options`, restarted with the same options when it dies."""
+    async def start(
+        cls, options: EngineOptions | None = None, *, max_restarts: int | None = None
+    ) -> SupervisedEngine:
+        """The in-process vLLM engine for `options`, restarted with the same options when it dies
+        (`max_restarts` times; default `options.max_restarts`). Starts and restarts load the engine
+        off the event loop (VLLMEngine.start), so the streams it serves keep running meanwhile."""
         options = options or EngineOptions()
-        return cls(
-            lambda: VLLMEngine.start(options), await VLLMEngine.start(options), max_restarts=max_restarts
-        )
+        restarts = options.max_restarts if max_restarts is None else max_restarts
+        return cls(lambda: VLLMEngine.start(options), await VLLMEngine.start(options), max_restarts=restarts)
 
     @property
     def state(self) -> str:
@@ -92,7 +95,7 @@ class SupervisedEngine(EngineProxy):
     async def _restart(self, dead: ASREngine) -> None:
         try:
             try:
-                await dead.aclose()
+                await dead.aclose()  # joins the dead EngineCore: VLLMEngine does it in a thread
             except Exception:
                 logger.warning("closing the dead engine failed", exc_info=True)
             try:
