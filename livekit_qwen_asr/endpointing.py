@@ -27,11 +27,13 @@ class EndpointingConfig:
     deactivation_threshold: float = 0.35  # below this, silence (hysteresis)
     min_speech_ms: int = 100  # speech needed before an utterance starts
     padding_ms: int = 300  # audio kept before the onset and after the last speech
+    pause_ms: int = 200  # silence inside an utterance that may end the turn (PREFLIGHT cue); gaps
+    # between words are shorter, so they are no pause
     max_utterance_sec: float = 30.0  # longer utterances are cut (between words) and continued
     cut_search_sec: float = 4.0  # the forced cut looks for the quietest point in this window
 
     def __post_init__(self) -> None:
-        for name in ("endpointing_ms", "min_speech_ms", "padding_ms"):
+        for name in ("endpointing_ms", "min_speech_ms", "padding_ms", "pause_ms"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or v < 0:
                 raise InvalidOptionError(f"{name} must be a number >= 0, got {v!r}")
@@ -82,6 +84,14 @@ class Endpointer:
     def position(self) -> int:
         """End of the last window judged."""
         return self._pos
+
+    @property
+    def pausing(self) -> bool:
+        """Speaking, in a silence run of at least `pause_ms` (capped at half of `endpointing_ms`)
+        that has not yet ended the utterance."""
+        cfg = self.config
+        pause = min(cfg.pause_ms, cfg.endpointing_ms / 2)
+        return self.speaking and self._silence_run > 0 and self._silence_run >= cfg.samples(pause)
 
     def hold_point(self) -> int:
         """While speaking: how far audio may be routed now. During a silence run, audio past the last
@@ -193,7 +203,21 @@ class Finish:
     reason: str  # "endpoint" | "max_length" | "flush"
 
 
-Action = Push | Start | Finish
+@dataclass(frozen=True)
+class Pause:
+    """A silence began inside the utterance (shorter than `endpointing_ms` so far): the turn may end."""
+
+    sample: int
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Speech resumed after a `Pause` (the utterance goes on)."""
+
+    sample: int
+
+
+Action = Push | Start | Finish | Pause | Resume
 
 
 class Segmenter:
@@ -226,6 +250,7 @@ class Segmenter:
         if not self.use_vad:
             return []
         out: list[Action] = []
+        was_pausing = self.in_utterance and self.endpointer.pausing
         for b in self.endpointer.update(end_sample, probability):
             if b.kind == "start" and not self.in_utterance:
                 at = max(b.sample, self._floor, self.timeline.start)
@@ -238,6 +263,11 @@ class Segmenter:
                 self.in_utterance = False
         if self.in_utterance:
             out += self._route_to(self.endpointer.hold_point())
+            pausing = self.endpointer.pausing
+            if pausing and not was_pausing:
+                out.append(Pause(end_sample))
+            elif was_pausing and not pausing:
+                out.append(Resume(end_sample))
         else:
             self.routed = max(self.routed, min(self.endpointer.position, self.timeline.end))
             self._trim()

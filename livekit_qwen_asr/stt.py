@@ -12,6 +12,7 @@ import dataclasses
 import math
 import uuid
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from livekit import rtc
@@ -29,7 +30,7 @@ from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import AudioBuffer, is_given
 
 from .audio import AudioNormalizer, frames_to_16k_mono
-from .endpointing import Action, EndpointingConfig, Finish, Push, Segmenter, Start
+from .endpointing import Action, EndpointingConfig, Finish, Pause, Push, Resume, Segmenter, Start
 from .engine import (
     DEFAULT_MODEL,
     ASREngine,
@@ -42,6 +43,7 @@ from .engine import (
 from .errors import EngineError, InvalidAudioError, InvalidOptionError, TooManyStreamsError
 from .log import logger
 from .prompt import language_code, normalize_language, sanitize_user_text
+from .session_context import conversation_reply_text, session_ends_turns
 from .streaming import SAMPLE_RATE, Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
 
 SYNTHETIC_LABEL = "[synthetic model: not a transcription]"
@@ -68,8 +70,15 @@ class STTOptions:
             raise InvalidOptionError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise InvalidOptionError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if isinstance(self.keyterms, str):
+        if not isinstance(self.context, str):
+            raise InvalidOptionError(f"context must be a str, got {type(self.context).__name__}")
+        _check_encodable("context", self.context)
+        if isinstance(self.keyterms, str | bytes) or not isinstance(self.keyterms, tuple):
             raise InvalidOptionError("keyterms must be a list of strings, not one string")
+        for term in self.keyterms:
+            if not isinstance(term, str):
+                raise InvalidOptionError(f"keyterms must be strings, got {type(term).__name__}: {term!r}")
+            _check_encodable("keyterm", term)
         if isinstance(self.carry_context_chars, bool) or not isinstance(self.carry_context_chars, int):
             raise InvalidOptionError(f"carry_context_chars must be an int, got {self.carry_context_chars!r}")
         if self.carry_context_chars < 0:
@@ -103,6 +112,35 @@ class STTOptions:
             context=self.prompt_context(),
             language=self.language,
         )
+
+
+def _check_encodable(name: str, text: str) -> None:
+    """Text the tokenizer cannot encode (a lone surrogate) would fail every step: refuse it up front."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"{e.reason} at index {e.start}"
+        raise InvalidOptionError(f"{name} is not valid Unicode text ({where})") from None
+
+
+def as_keyterms(value: object) -> tuple[str, ...]:
+    """`keyterms` as given by a user: a list/tuple of strings. One string is refused (it would
+    otherwise become one keyterm per character)."""
+    if isinstance(value, str | bytes):
+        raise InvalidOptionError(
+            f"keyterms must be a list of strings, not one string: use keyterms=[{value!r}]"
+        )
+    if not isinstance(value, Iterable):
+        raise InvalidOptionError(f"keyterms must be a list of strings, got {type(value).__name__}")
+    return tuple(value)  # element types are checked by STTOptions
+
+
+def step_confidence(result: StepResult) -> float:
+    """Geometric-mean probability of the tokens one step generated (0.0 when it reported none)."""
+    logprobs = getattr(result, "token_logprobs", ())
+    if not logprobs:
+        return 0.0
+    return float(math.exp(sum(logprobs) / len(logprobs)))
 
 
 def step_token_budget(plan: StepPlan, max_new_tokens: int) -> int:
@@ -165,13 +203,14 @@ class STT(stt.STT):
                 aligned_transcript=False,
                 offline_recognize=True,
                 keyterms=True,
+                chat_context=True,  # the agent's last reply becomes recognition context (docs/usage.md)
                 manual_flush=True,
             )
         )
         self._opts = STTOptions(
             language=language,
             context=context,
-            keyterms=tuple(keyterms),
+            keyterms=as_keyterms(keyterms),
             interim_results=interim_results,
             chunk_size_sec=chunk_size_sec,
             unfixed_chunk_num=unfixed_chunk_num,
@@ -182,11 +221,12 @@ class STT(stt.STT):
             carry_context=carry_context,
             carry_context_chars=carry_context_chars,
         )
-        if not is_given(vad):
-            from livekit.agents import inference
-
-            vad = inference.VAD() if endpointing_ms > 0 else None
-        self._vad = vad
+        # One endpointing owner per setup: an explicit `vad` (or None) is used as given; by default the
+        # plugin runs the bundled VAD itself, except inside an AgentSession that ends turns on its own
+        # VAD / turn detector (it then flushes our stream): see `stream()`.
+        self._vad_given = is_given(vad)
+        self._vad: lk_vad.VAD | None = vad if is_given(vad) else None
+        self._reply_context = ""
         self._engine = engine
         self._engine_options = engine_options or EngineOptions(model=model)
         self._session_keyterms: tuple[str, ...] = ()
@@ -214,7 +254,26 @@ class STT(stt.STT):
 
     @property
     def vad(self) -> lk_vad.VAD | None:
+        """The VAD this STT's own endpointing uses (the bundled silero one is loaded on first use)."""
+        if not self._vad_given and self._vad is None and self._opts.endpointing_ms > 0:
+            from livekit.agents import inference
+
+            self._vad = inference.VAD()
         return self._vad
+
+    def _stream_vad(self) -> lk_vad.VAD | None:
+        if not self._vad_given and session_ends_turns():
+            return None  # the session's VAD / turn detector owns endpointing and flushes us
+        return self.vad
+
+    def _effective_opts(self, language: NotGivenOr[str | None] = NOT_GIVEN) -> STTOptions:
+        """The user's options with the session's keyterms merged in (and a per-call language)."""
+        changes: dict[str, object] = {}
+        if self._session_keyterms:
+            changes["keyterms"] = tuple(dict.fromkeys(self._opts.keyterms + self._session_keyterms))
+        if is_given(language):
+            changes["language"] = language
+        return dataclasses.replace(self._opts, **changes) if changes else self._opts  # type: ignore[arg-type]
 
     async def ensure_engine(self) -> ASREngine:
         """The engine, starting the process-wide one on first use (30-60 s on CPU)."""
@@ -244,8 +303,10 @@ class STT(stt.STT):
             raise TooManyStreamsError(
                 f"{len(self._open)} streams are open (max_streams={self._max_streams}): close one first"
             )
-        opts = self._opts if not is_given(language) else dataclasses.replace(self._opts, language=language)
-        s = SpeechStream(stt=self, opts=opts, conn_options=conn_options)
+        opts = self._effective_opts(language)
+        s = SpeechStream(stt=self, opts=opts, conn_options=conn_options, vad=self._stream_vad())
+        if self._reply_context:
+            s.set_reply_context(self._reply_context)
         self._streams.add(s)
         self._open.add(s)
         s._task.add_done_callback(lambda _: self._open.discard(s))  # ended, failed or closed
@@ -275,16 +336,32 @@ class STT(stt.STT):
         """Change options for new and live streams (live streams apply them at the next utterance)."""
         changes = {k: v for k, v in locals().items() if k != "self" and is_given(v)}
         if "keyterms" in changes:
-            changes["keyterms"] = tuple(changes["keyterms"])
+            changes["keyterms"] = as_keyterms(changes["keyterms"])
         self._opts = dataclasses.replace(self._opts, **changes)  # validates
+        if "keyterms" in changes:
+            changes["keyterms"] = self._effective_opts().keyterms
         for s in self._streams:
             s.update_options(**changes)
 
     def _update_session_keyterms(self, keyterms: list[str]) -> None:
-        self._session_keyterms = tuple(keyterms)
-        merged = tuple(dict.fromkeys(self._opts.keyterms + self._session_keyterms))
+        """AgentSession's keyterms (set before it opens a stream, and on changes): merged with the
+        user's for new and live streams."""
+        terms = as_keyterms(keyterms)
+        dataclasses.replace(self._opts, keyterms=terms)  # validates them before they reach a stream
+        self._session_keyterms = terms
+        merged = self._effective_opts().keyterms
         for s in self._streams:
             s.update_options(keyterms=merged)
+
+    def _push_conversation_item(self, ev: object) -> None:
+        """AgentSession's conversation items (we declare `chat_context`): the agent's latest reply
+        becomes recognition context for the next utterances (what the user answers usually echoes it)."""
+        text = conversation_reply_text(ev)
+        if text is None:
+            return
+        self._reply_context = sanitize_user_text(text)[-self._opts.carry_context_chars :].strip()
+        for s in self._streams:
+            s.set_reply_context(self._reply_context)
 
     async def _recognize_impl(
         self,
@@ -294,7 +371,7 @@ class STT(stt.STT):
         conn_options: APIConnectOptions,
     ) -> stt.SpeechEvent:
         """Offline: one pass over the whole buffer (the official non-streaming prompt, no prefix)."""
-        opts = self._opts if not is_given(language) else dataclasses.replace(self._opts, language=language)
+        opts = self._effective_opts(language)
         audio = frames_to_16k_mono(buffer)
         engine = await self.ensure_engine()
         t = StreamingTranscriber(opts.streaming_config(), engine.codec, engine.base_prompt)
@@ -307,11 +384,14 @@ class STT(stt.STT):
             # a single pass has nothing to reuse: one raw item, no per-stream feature cache
             result = await _run_step(engine, plan, opts, request_id, timeout, reuse_windows=False)
             t.apply(plan, result.text)
+            confidence = step_confidence(result)
+        else:
+            confidence = 0.0
         hyp = t.finalize()
         return stt.SpeechEvent(
             type=stt.SpeechEventType.FINAL_TRANSCRIPT,
             request_id=request_id,
-            alternatives=[_speech_data(hyp, opts, 0.0, engine.is_synthetic)],
+            alternatives=[_speech_data(hyp, opts, 0.0, engine.is_synthetic, confidence=confidence)],
         )
 
     async def aclose(self) -> None:
@@ -359,7 +439,12 @@ async def _until_ready(engine: ASREngine) -> None:
 
 
 def _speech_data(
-    hyp: Hypothesis, opts: STTOptions, start_time: float, synthetic: bool, text: str | None = None
+    hyp: Hypothesis,
+    opts: STTOptions,
+    start_time: float,
+    synthetic: bool,
+    text: str | None = None,
+    confidence: float = 0.0,
 ):
     lang = hyp.language or opts.language or ""
     return stt.SpeechData(
@@ -367,7 +452,7 @@ def _speech_data(
         text=hyp.text if text is None else text,
         start_time=start_time,
         end_time=start_time + hyp.audio_seconds,
-        confidence=0.0,
+        confidence=confidence,
         metadata={"stable_text": hyp.stable_text, "synthetic_model": synthetic, "note": SYNTHETIC_LABEL}
         if synthetic
         else {"stable_text": hyp.stable_text},
@@ -384,9 +469,19 @@ class _Utterance:
     start_sample: int  # stream-level 16 kHz sample where this utterance's audio starts
     speaking: bool = False
     last_interim: str = ""
-    last_stable: str = ""
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    confidence: float = 0.0  # of the step that produced the latest text (step_confidence)
+    last_preflight: str = ""
+    pausing: bool = False  # the endpointer is in a silence run: the turn may be ending
+    last_hyp: Hypothesis | None = None
+
+
+@dataclass(frozen=True)
+class _InputError:
+    """A bad frame pushed inside an AgentSession: the run loop raises it (retryable) when it gets here."""
+
+    error: InvalidAudioError
 
 
 class SpeechStream(stt.RecognizeStream):
@@ -402,14 +497,24 @@ class SpeechStream(stt.RecognizeStream):
     framework's retry of `_run` loses no audio.
     """
 
-    def __init__(self, *, stt: STT, opts: STTOptions, conn_options: APIConnectOptions) -> None:
+    def __init__(
+        self,
+        *,
+        stt: STT,
+        opts: STTOptions,
+        conn_options: APIConnectOptions,
+        vad: lk_vad.VAD | None = None,
+    ) -> None:
         super().__init__(stt=stt, conn_options=conn_options)
         self._stt_ref = stt
+        self._vad = vad
+        self._in_session = session_ends_turns() is not None
+        self._reply_context = ""
         self._opts = opts
         self._next_opts: STTOptions | None = None
         self._stream_id = _new_id("QS")
         self._normalizer = AudioNormalizer()
-        self._segmenter = Segmenter(opts.endpointing_config(), use_vad=stt.vad is not None)
+        self._segmenter = Segmenter(opts.endpointing_config(), use_vad=vad is not None)
         self._vad_stream: lk_vad.VADStream | None = None
         self._vad_drained = asyncio.Event()
         self._vad_progress = asyncio.Condition()
@@ -440,6 +545,17 @@ class SpeechStream(stt.RecognizeStream):
     def stream_id(self) -> str:
         return self._stream_id
 
+    @property
+    def uses_own_vad(self) -> bool:
+        """Whether this stream's own VAD ends utterances (False: only flushes and the length limit)."""
+        return self._segmenter.use_vad
+
+    def set_reply_context(self, text: str) -> None:
+        """The agent's last reply, used as context from the next utterance on."""
+        self._reply_context = text
+        if self._transcriber is not None and self._idle():
+            self._apply_next_opts()
+
     def update_options(self, **changes: object) -> None:
         base = self._next_opts or self._opts
         self._next_opts = dataclasses.replace(base, **changes)  # type: ignore[arg-type]
@@ -456,9 +572,10 @@ class SpeechStream(stt.RecognizeStream):
             self._segmenter.config = self._segmenter.endpointer.config = self._opts.endpointing_config()
         if self._transcriber is not None:
             config = self._opts.streaming_config()
-            if self._carry_context:
-                sep = "\n" if config.context else ""
-                config = dataclasses.replace(config, context=f"{config.context}{sep}{self._carry_context}")
+            extra = [c for c in (self._reply_context, self._carry_context) if c]
+            if extra:
+                context = "\n".join([config.context, *extra] if config.context else extra)
+                config = dataclasses.replace(config, context=context)
             self._transcriber.configure(config)
 
     # -- input -----------------------------------------------------------------------------------
@@ -470,9 +587,19 @@ class SpeechStream(stt.RecognizeStream):
         """
         self._check_input_not_ended()
         self._check_not_closed()
-        if not isinstance(frame, rtc.AudioFrame):
-            raise InvalidAudioError(f"push_frame expects rtc.AudioFrame, got {type(frame).__name__}")
-        samples = self._normalizer.push(frame)
+        try:
+            if not isinstance(frame, rtc.AudioFrame):
+                raise InvalidAudioError(f"push_frame expects rtc.AudioFrame, got {type(frame).__name__}")
+            samples = self._normalizer.push(frame)
+        except InvalidAudioError as e:
+            if not self._in_session:
+                raise
+            # The session's audio forwarder would die on this exception and leave the stream deaf:
+            # drop the frame and fail the current run with a retryable error instead (reported as an
+            # `error` event; the framework re-runs the stream with all its other audio).
+            logger.warning("dropped an invalid audio frame: %s", e.message, extra={"stream": self._stream_id})
+            self._input_ch.send_nowait(_InputError(InvalidAudioError(e.message, retryable=True)))  # type: ignore[arg-type]
+            return
         if samples.size:
             self._input_ch.send_nowait(samples)  # type: ignore[arg-type]
 
@@ -505,8 +632,9 @@ class SpeechStream(stt.RecognizeStream):
             self._transcriber = StreamingTranscriber(
                 self._opts.streaming_config(), engine.codec, engine.base_prompt
             )
-            if self._segmenter.use_vad and self._stt_ref.vad is not None:
-                self._vad_stream = self._stt_ref.vad.stream()
+            self._apply_next_opts()  # context that arrived before the stream ran (the agent's reply)
+            if self._segmenter.use_vad and self._vad is not None:
+                self._vad_stream = self._vad.stream()
         if self._pending_finish is not None:  # a retry after a failed finish step
             async with self._route_lock:
                 await self._finish_utterance(self._pending_finish)
@@ -526,6 +654,8 @@ class SpeechStream(stt.RecognizeStream):
 
     async def _read_input(self) -> None:
         async for item in self._input_ch:
+            if isinstance(item, _InputError):
+                raise item.error
             if isinstance(item, self._FlushSentinel):
                 await self._wait_vad_judged(self._segmenter.timeline.end)
                 async with self._route_lock:
@@ -579,6 +709,11 @@ class SpeechStream(stt.RecognizeStream):
             elif isinstance(action, Start):
                 self._utt = _Utterance(_new_id("SG"), action.sample)
                 self._ensure_speaking()
+            elif isinstance(action, Pause):
+                self._utt.pausing = True
+                self._preflight(self._utt.last_hyp)
+            elif isinstance(action, Resume):
+                self._utt.pausing = False
             else:
                 await self._finish_utterance(action)
 
@@ -601,6 +736,7 @@ class SpeechStream(stt.RecognizeStream):
         result = await _run_step(self._engine, plan, self._opts, self._stream_id, self._conn_options.timeout)
         self._utt.prompt_tokens += result.prompt_tokens
         self._utt.generated_tokens += result.generated_tokens
+        self._utt.confidence = step_confidence(result)
         return result
 
     async def _finish_utterance(self, finish: Finish) -> None:
@@ -610,6 +746,10 @@ class SpeechStream(stt.RecognizeStream):
         self._pending_finish = finish
         async with self._step_lock:
             utt = self._utt
+            if finish.reason != "max_length":
+                # the turn ends here (flush / endpoint): preflight the newest text, after any step that
+                # was in flight, so no interim follows it before the final
+                self._preflight(utt.last_hyp)
             plan = t.finish_step(finish.sample - utt.start_sample)
             if plan is not None:
                 result = await self._step(plan)
@@ -657,14 +797,27 @@ class SpeechStream(stt.RecognizeStream):
 
     def _emit_step(self, hyp: Hypothesis) -> None:
         utt = self._utt
+        utt.last_hyp = hyp
         if hyp.text:
             self._ensure_speaking()
         if self._opts.interim_results and hyp.text and hyp.text != utt.last_interim:
             utt.last_interim = hyp.text
             self._send(stt.SpeechEventType.INTERIM_TRANSCRIPT, hyp)
-        if hyp.stable_text and hyp.stable_text != utt.last_stable:
-            utt.last_stable = hyp.stable_text
-            self._send(stt.SpeechEventType.PREFLIGHT_TRANSCRIPT, hyp, text=hyp.stable_text)
+        if utt.pausing:
+            self._preflight(hyp)  # still in the pause: the new text is the turn's likely end
+
+    def _preflight(self, hyp: Hypothesis | None) -> None:
+        """PREFLIGHT_TRANSCRIPT = "the turn is likely ending with this text": the full current text,
+        sent when the endpointer sees a silence begin (`pause_ms`, shorter than `endpointing_ms`), after
+        each step that changes the text during such a pause, and when the utterance ends (a flush or
+        the endpoint) just before its finish step, unless that text was already preflighted. In
+        livekit-agents it starts a preemptive LLM reply that a later, different interim cancels, so it
+        is never sent mid-speech; the reply is used when the final equals it."""
+        utt = self._utt
+        if hyp is None or not hyp.text or hyp.text == utt.last_preflight:
+            return
+        utt.last_preflight = hyp.text
+        self._send(stt.SpeechEventType.PREFLIGHT_TRANSCRIPT, hyp)
 
     def _send(
         self, kind: stt.SpeechEventType, hyp: Hypothesis | None = None, text: str | None = None
@@ -673,7 +826,7 @@ class SpeechStream(stt.RecognizeStream):
         if hyp is not None:
             start = self._utt.start_sample / SAMPLE_RATE + self.start_time_offset
             synthetic = bool(self._engine is not None and self._engine.is_synthetic)
-            alts = [_speech_data(hyp, self._opts, start, synthetic, text)]
+            alts = [_speech_data(hyp, self._opts, start, synthetic, text, self._utt.confidence)]
         self._event_ch.send_nowait(
             stt.SpeechEvent(type=kind, request_id=self._utt.request_id, alternatives=alts)
         )

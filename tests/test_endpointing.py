@@ -72,12 +72,30 @@ def test_segmenter_pushes_speech_only_and_counts_utterances():
             assert np.array_equal(a.samples, audio[pos : pos + len(a.samples)])
             pos += len(a.samples)
             pushed_total += len(a.samples)
-        else:
+        elif isinstance(a, Finish):
             assert a.sample == pos and a.reason == "endpoint"
     # silence costs nothing: less than speech + padding around it reached the transcriber
     speech = windows(2.0) * WIN + windows(1.5) * WIN
     assert pushed_total <= speech + 2 * 2 * cfg.samples(cfg.padding_ms) + 4 * WIN
     assert pushed_total < len(audio) * 0.75
+
+
+def test_segmenter_reports_pauses_inside_an_utterance():
+    """A silence run inside an utterance is a Pause (the turn may be ending: the stream's PREFLIGHT
+    cue); speech resuming is a Resume; a silence reaching endpointing_ms is a Pause, then the Finish."""
+    cfg = EndpointingConfig(endpointing_ms=500, padding_ms=200)
+    seg = Segmenter(cfg, use_vad=True)
+    pattern = [0.9] * windows(1.0) + [0.0] * windows(0.3) + [0.9] * windows(1.0) + [0.0] * windows(1.0)
+    kinds = [type(a).__name__ for a in run_vad(seg, pattern) if not isinstance(a, Push)]
+    assert kinds == ["Start", "Pause", "Resume", "Pause", "Finish"]
+    # silence between utterances is no pause
+    kinds = [type(a).__name__ for a in run_vad(seg, [0.0] * windows(1.0)) if not isinstance(a, Push)]
+    assert kinds == []
+    # a gap between words (shorter than pause_ms) is no pause
+    seg = Segmenter(cfg, use_vad=True)
+    pattern = [0.9] * windows(1.0) + [0.0] * windows(0.1) + [0.9] * windows(1.0)
+    kinds = [type(a).__name__ for a in run_vad(seg, pattern) if not isinstance(a, Push)]
+    assert kinds == ["Start"]
 
 
 def test_segmenter_flush_ends_utterance_with_all_audio_so_far():
