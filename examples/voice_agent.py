@@ -5,11 +5,12 @@ preemptive generation fed by our preflight transcripts.
     python -m livekit.agents start examples/voice_agent.py --dev   # the module-level `server` below
     python examples/voice_agent.py dev                             # the same (or: start)
 
-The STT streams partial text while the user talks. Its PREFLIGHT_TRANSCRIPT (the stable prefix the
-next step keeps) lets the session start the LLM reply before the user's turn is confirmed
-(`preemptive_generation`); the turn detector decides when the turn ends, and the session's VAD
-flushes our stream at end of speech (the final follows). Our own endpointing is off by default here
-(QWEN_ASR_ENDPOINTING_MS=0): the session already runs a VAD and owns turn-taking.
+The STT streams partial text while the user talks. One VAD decides: the session's VAD and turn
+detector own turn-taking and flush our stream at end of speech (the final follows); the plugin sees it
+runs inside such a session and starts no VAD of its own (docs/usage.md, "Who ends an utterance").
+Its PREFLIGHT_TRANSCRIPT (the full text, sent when the turn may be ending) lets the session start the
+LLM reply before the turn is confirmed (`preemptive_generation`); the agent's replies and the session's
+keyterms reach the recognizer as context.
 
 The LLM and TTS go through LiveKit Inference (VOICE_AGENT_LLM / VOICE_AGENT_TTS, model strings as
 AgentSession accepts them). The engine is loaded once per worker process in prewarm and shared by all
@@ -18,7 +19,6 @@ sessions of that process (`qwen_asr.LoopThreadEngine`, as in agent.py).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -36,9 +36,7 @@ from livekit_qwen_asr.worker import WorkerSettings, run_script
 
 
 def _settings() -> WorkerSettings:
-    # our endpointing is off unless asked for: the session's VAD and turn detector own turn-taking
-    endpointing_ms = int(os.environ.get("QWEN_ASR_ENDPOINTING_MS") or 0)
-    return dataclasses.replace(WorkerSettings.from_env(), endpointing_ms=endpointing_ms)
+    return WorkerSettings.from_env()
 
 
 class Assistant(Agent):

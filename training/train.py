@@ -201,6 +201,7 @@ class Trainer:
         if not texts:
             raise SystemExit(f"no training shards in {corpus.DATA_DIR}: run python -m training.corpus first")
         n_loaded = len(texts)
+        n_shards = len(list(corpus.DATA_DIR.glob("train_*.pt")))
         eval_sets = {
             s: tuple(x[: a.eval_n] for x in load_shards(s, 1)) for s in ("test", "test_unseen", "test_noise")
         }
@@ -217,13 +218,12 @@ class Trainer:
         acc: dict[str, float] = {"ce": 0.0, "ctc": 0.0, "n": 0, "ex": 0}
         self.model.train()
         while not stop["flag"] and time.time() < t_end:
-            if self.step % 500 == 0:  # pick up shards written since the start
-                more = load_shards("train")
-                if len(more[0]) > n_loaded:
-                    texts, kinds, feats = more
-                    n_loaded = len(texts)
-                    lens = [f.shape[1] for f in feats]
-                    it = batches(lens, a.max_frames, rng)
+            if self.step % 500 == 0 and len(list(corpus.DATA_DIR.glob("train_*.pt"))) > n_shards:
+                texts, kinds, feats = load_shards("train")  # shards written since the start
+                n_shards = len(list(corpus.DATA_DIR.glob("train_*.pt")))
+                n_loaded = len(texts)
+                lens = [f.shape[1] for f in feats]
+                it = batches(lens, a.max_frames, rng)
             b = next(it)
             c0, w0 = time.process_time(), time.time()
             lr = self.lr_at()
