@@ -159,6 +159,8 @@ async def test_prompt_over_max_model_len_is_rejected_not_retried(engine, speech1
         await engine.step(StepRequest(prompt, audio, 4, "long"))
     assert not info.value.retryable
     ok = await engine.step(StepRequest(engine.base_prompt(""), audio, 4, "after-long"))
+    for stream_id in ("long", "after-long"):  # the shared engine's per-stream feature caches
+        engine.release_stream(stream_id)
     assert ok.generated_tokens > 0  # the engine is unharmed
 
 
@@ -170,6 +172,8 @@ async def test_text_the_tokenizer_cannot_encode_is_rejected(engine, speech16k, c
         await engine.step(StepRequest(prompt, audio, 4, "surrogate"))
     assert not info.value.retryable
     ok = await engine.step(StepRequest(engine.base_prompt("names: Zoe"), audio, 4, "after-surrogate"))
+    for stream_id in ("surrogate", "after-surrogate"):
+        engine.release_stream(stream_id)
     assert ok.generated_tokens > 0
 
 

@@ -178,7 +178,9 @@ async def test_step_timeout_is_retried(engine, speech16k):
     plugin = STT(engine=rec, vad=None)
     errors: list[stt.STTError] = []
     plugin.on("error", errors.append)
-    stream = plugin.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.05, timeout=0.5))
+    # 2 s: only the hung step outlives it, also on a busy machine (an attempt that outlives the timeout
+    # restarts livekit-agents' retry budget, so a limit near the normal step time would retry forever)
+    stream = plugin.stream(conn_options=APIConnectOptions(max_retry=2, retry_interval=0.05, timeout=2.0))
     task = asyncio.create_task(collect(stream))
     for f in stereo_frames(speech16k[: 3 * SR]):
         stream.push_frame(f)
