@@ -403,8 +403,11 @@ async def load(engine: Any, *, streams: int, seconds: float, seed: int = 0) -> d
 
 
 # -- engine memory: the EngineCore's multimodal cache ------------------------------------------------
-async def engine_memory(engine: Any, *, streams: int, minutes: float, seed: int = 0) -> dict[str, Any]:
-    """`streams` rollback loops straight on the engine, as fast as it serves them, for `minutes`:
+async def engine_memory(
+    engine: Any, *, streams: int, minutes: float, min_new_item_mib: float = 0.0, seed: int = 0
+) -> dict[str, Any]:
+    """`streams` rollback loops straight on the engine, as fast as it serves them, for `minutes` and
+    until at least `min_new_item_mib` of new items were sent (a slow machine runs longer, not less):
     each utterance grows by a 2 s chunk per step up to 2-30 s, then the next one starts. The audio is
     noise at random offsets, so every step's open-window item is new: the worst case for vLLM's
     multimodal processor cache, which keeps new items in the EngineCore until `mm_cache_gib` is full.
@@ -418,11 +421,14 @@ async def engine_memory(engine: Any, *, streams: int, minutes: float, seed: int 
     t0 = time.perf_counter()
     stop = t0 + minutes * 60
 
+    def running() -> bool:
+        return time.perf_counter() < stop or new_item_bytes < min_new_item_mib * 2**20
+
     async def loop(k: int) -> None:
         nonlocal steps, new_item_bytes
         r = np.random.default_rng(seed + 1 + k)
         u = 0
-        while time.perf_counter() < stop:
+        while running():
             sid, u = f"mem{k}-{u}", u + 1
             start = int(r.integers(0, SR))
             for chunk in range(1, int(r.integers(1, 16)) + 1):
@@ -430,7 +436,7 @@ async def engine_memory(engine: Any, *, streams: int, minutes: float, seed: int 
                 await engine.step(StepRequest(prompt, audio, 16, sid))
                 steps += 1
                 new_item_bytes += 128 * 4 * split_windows(audio.shape[0] // HOP)[-1]  # the open item
-                if time.perf_counter() >= stop:
+                if not running():
                     break
             engine.release_stream(sid)
 

@@ -56,8 +56,9 @@ async def test_engine_core_memory_levels_off_at_the_mm_cache_cap(engine):
     config = engine._llm.vllm_config.model_config.multimodal_config
     assert config.mm_processor_cache_gb == engine.options.mm_cache_gib
     cap_mib = engine.options.mm_cache_gib * 1024
-    r = await engine_memory(engine, streams=6, minutes=1.25)
-    assert r["new_item_mib"] > 8 * cap_mib  # the run pushed far more through than the cache holds
+    # at least 10x the cap, however slow the machine (a busy CI runner pushed 7x in 1.25 min)
+    r = await engine_memory(engine, streams=6, minutes=1.25, min_new_item_mib=10 * cap_mib)
+    assert r["new_item_mib"] >= 10 * cap_mib  # far more went through than the cache holds
     # uncapped, the EngineCore grows by about the bytes of new items sent (docs/reliability.md)
     assert r["engine_core_growth_mib"] < r["new_item_mib"] / 4
     assert r["feature_states_left"] == 0
