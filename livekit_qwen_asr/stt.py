@@ -83,6 +83,9 @@ class STTOptions:
             raise InvalidOptionError(f"carry_context_chars must be an int, got {self.carry_context_chars!r}")
         if self.carry_context_chars < 0:
             raise InvalidOptionError(f"carry_context_chars must be >= 0, got {self.carry_context_chars}")
+        mus = self.max_utterance_sec
+        if isinstance(mus, bool) or not isinstance(mus, int | float):
+            raise InvalidOptionError(f"max_utterance_sec must be a number, got {mus!r}")
         # validates chunk / rollback / endpointing options and the language
         object.__setattr__(self, "language", normalize_language(self.language))
         self.streaming_config()

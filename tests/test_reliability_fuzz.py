@@ -14,6 +14,7 @@ import math
 
 import av
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from livekit import rtc
@@ -23,7 +24,7 @@ from livekit_qwen_asr import STT, InvalidAudioError
 from livekit_qwen_asr.audio import AudioNormalizer
 from livekit_qwen_asr.browser.frames import av_frame_to_rtc
 from livekit_qwen_asr.engine import StepRequest
-from livekit_qwen_asr.errors import QwenASRError, RequestRejectedError
+from livekit_qwen_asr.errors import InvalidOptionError, QwenASRError, RequestRejectedError
 from livekit_qwen_asr.prompt import AUDIO_PLACEHOLDER
 from livekit_qwen_asr.synthetic import SPECIAL_TOKEN_IDS
 
@@ -204,6 +205,14 @@ def test_random_options_construct_or_raise_a_typed_error(**kwargs):
 def _special_ids(engine, text: str) -> list[int]:
     special = set(SPECIAL_TOKEN_IDS.values())
     return [i for i in engine.codec.encode(text) if i in special]
+
+
+@pytest.mark.parametrize("name", ["max_utterance_sec", "endpointing_ms", "chunk_size_sec", "max_new_tokens"])
+@pytest.mark.parametrize("bad", ["", "30", b"30", [30]])
+def test_non_numeric_options_raise_a_typed_error(name, bad):
+    # found by the fuzz run above: max_utterance_sec="" raised a bare TypeError from a comparison
+    with pytest.raises(InvalidOptionError, match=name):
+        STT(vad=None, model="unused", **{name: bad})
 
 
 async def test_hostile_strings_never_change_the_prompt_and_never_crash_the_engine(engine):
