@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import wave
 from collections.abc import Iterator, Sequence
 from importlib import resources
@@ -72,3 +73,18 @@ def pause_free_speech(seconds: float, rate: int = 16_000) -> np.ndarray:
     clip = data[loud[0] : loud[-1] + 1].astype(np.float32) / 32768.0
     n = int(round(seconds * rate))
     return np.tile(clip, -(-n // clip.shape[0]))[:n]
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word edit distance / reference words, on lowercased words without punctuation."""
+    ref, hyp = _words(reference), _words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / max(1, len(ref))
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w' ]+", " ", text.lower()).split()

@@ -1,0 +1,156 @@
+"""The test model trained here (issue #12): the compact file in the package expands to the official
+checkpoint layout (cached, atomic, hash-checked), holds exactly the trained tensors, and loads in vLLM
+and in the official `qwen-asr` transformers backend (`.venv-official`), which decode it identically.
+
+What the model has learned is measured by training/ (log.jsonl) and bench/fidelity.py, not here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from livekit_qwen_asr import test_model as tm
+from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine
+from livekit_qwen_asr.prompt import parse_output
+from livekit_qwen_asr.samples import read_wav
+
+ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL_PY = ROOT / ".venv-official" / "bin" / "python"
+ASSETS = ROOT / "livekit_qwen_asr" / "assets"
+
+
+def _flip_last_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-1, 2)
+        b = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_info_names_the_model_and_its_training_without_torch():
+    info = tm.info()
+    assert info["label"] == tm.TEST_MODEL_LABEL and "not Qwen3-ASR-0.6B" in info["label"]
+    assert info["trained"]["steps"] > 0 and info["trained"]["cpu_h"] > 0
+
+
+def test_expansion_is_cached_atomic_and_hash_checked(tmp_path):
+    path = tm.ensure_test_model(tmp_path)
+    assert tm.is_test_model(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["test_model"]["note"] == tm.TEST_MODEL_LABEL
+    assert config["architectures"] == ["Qwen3ASRForConditionalGeneration"]
+    for name in (
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.json",
+        "preprocessor_config.json",
+    ):
+        assert (path / name).is_file(), name
+    weights = path / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert tm.ensure_test_model(tmp_path) == path and weights.stat().st_mtime_ns == stamp  # cached
+    _flip_last_byte(weights)  # a damaged cache entry is detected and expanded again
+    assert tm.ensure_test_model(tmp_path) == path
+    assert weights.stat().st_mtime_ns != stamp and tm._verified(path, tm.compact_path())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary dirs left
+
+
+def test_a_missing_compact_file_is_a_typed_error(tmp_path):
+    with pytest.raises(tm.TestModelUnavailableError, match="missing"):
+        tm.ensure_test_model(tmp_path, compact=tmp_path / "absent.safetensors")
+    with pytest.raises(tm.TestModelUnavailableError):
+        tm.info(tmp_path / "absent.safetensors")
+
+
+def test_expanded_weights_are_exactly_the_trained_ones(tmp_path):
+    path = tm.ensure_test_model(tmp_path)
+    with safe_open(str(tm.compact_path()), "pt") as c, safe_open(str(path / "model.safetensors"), "pt") as e:
+        trained = {k.removeprefix("model."): c.get_tensor(k) for k in c.keys() if k.startswith("model.")}  # noqa: SIM118
+        for name, tensor in trained.items():
+            assert torch.equal(e.get_tensor(name), tensor), name
+        used = c.get_tensor("used_ids")
+        lm_head = e.get_tensor("thinker.lm_head.weight")
+        embed = e.get_tensor("thinker.model.embed_tokens.weight")
+        assert torch.equal(lm_head[used], c.get_tensor("heads.out"))
+        assert torch.equal(embed[used], c.get_tensor("heads.emb"))
+        unused = torch.ones(lm_head.shape[0], dtype=torch.bool)
+        unused[used] = False
+        # every unused output row is the one trained "other" row: the restricted softmax of training
+        assert torch.equal(lm_head[unused], c.get_tensor("heads.other")[None].expand(int(unused.sum()), -1))
+        assert len(set(e.keys())) == len(trained) + 2
+
+
+def bundled_sentences() -> list[tuple[str, np.ndarray]]:
+    ref = json.loads((ASSETS / "test_model_speech.json").read_text())
+    pcm, rate, channels = read_wav(ASSETS / "test_model_speech.wav")
+    assert rate == 16000 and channels == 1
+    audio = pcm.astype(np.float32) / 32768
+    return [(s["text"], audio[s["start"] : s["end"]]) for s in ref["sentences"]]
+
+
+@pytest.fixture(scope="module")
+async def test_model_engine():
+    eng = await VLLMEngine.start(
+        EngineOptions(
+            model=str(tm.ensure_test_model()), max_model_len=1024, kv_cache_gib=0.25, dtype="float32"
+        )
+    )
+    yield eng
+    await eng.aclose()
+
+
+@pytest.mark.timeout(600)
+async def test_vllm_and_the_official_sdk_decode_it_identically(test_model_engine, tmp_path):
+    sentences = bundled_sentences()
+    ours = []
+    for _, audio in sentences:
+        r = await test_model_engine.step(StepRequest(test_model_engine.base_prompt(""), audio, 64, "", False))
+        ours.append(list(parse_output(r.text)))
+    np.save(tmp_path / "audio.npy", np.array([a for _, a in sentences], dtype=object), allow_pickle=True)
+    script = (
+        "import json, sys, numpy as np, torch\n"
+        "from qwen_asr import Qwen3ASRModel\n"
+        "m = Qwen3ASRModel.from_pretrained(sys.argv[1], dtype=torch.float32)\n"
+        "audio = np.load(sys.argv[2], allow_pickle=True)\n"
+        "out = [m.transcribe(audio=(np.asarray(a, np.float32), 16000))[0] for a in audio]\n"
+        "print(json.dumps([[r.language, r.text] for r in out]))\n"
+    )
+    proc = subprocess.run(
+        [str(OFFICIAL_PY), "-c", script, str(tm.ensure_test_model()), str(tmp_path / "audio.npy")],
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sdk = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ours == sdk
+    assert all(language == "English" for language, _ in ours)
+
+
+def test_the_main_job_falls_back_to_the_test_model_with_its_label_and_recording(monkeypatch):
+    from livekit_qwen_asr import demo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no model hub, as on CI machines
+    model, reason = demo.resolve_model("Qwen/Qwen3-ASR-0.6B")
+    assert Path(model) == tm.ensure_test_model() and "Qwen/Qwen3-ASR-0.6B cannot be loaded" in reason
+    banner = demo._test_model_banner(model, reason)
+    assert tm.TEST_MODEL_LABEL in banner and "training steps" in banner
+    wav = demo.test_model_speech_path()
+    ref = json.loads(wav.with_suffix(".json").read_text())
+    assert demo._reference_for(str(wav)) == ref["text"] and len(ref["text"].split()) >= 12
+
+
+def test_the_main_job_falls_back_to_random_weights_without_the_test_model(monkeypatch, tmp_path):
+    from livekit_qwen_asr import demo, synthetic
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(tm, "compact_path", lambda: tmp_path / "absent.safetensors")
+    model, reason = demo.resolve_model("Qwen/Qwen3-ASR-0.6B")
+    assert synthetic.is_synthetic(model) and "test model not available" in reason
