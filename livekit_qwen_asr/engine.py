@@ -104,6 +104,16 @@ class EngineStats:
         default_factory=lambda: collections.deque(maxlen=4096)
     )
 
+    def record(self, stream_id: str, result: StepResult) -> None:
+        """Count a finished step."""
+        self.steps += 1
+        self.prompt_tokens += result.prompt_tokens
+        self.cached_tokens += result.cached_tokens
+        self.generated_tokens += result.generated_tokens
+        self.audio_seconds += result.audio_seconds
+        self.encoded_seconds += result.encoded_seconds
+        self.recent.append((stream_id, result.started_at, result.finished_at))
+
     def overlapping_pairs(self) -> int:
         """How many pairs of recent steps from *different* streams ran at the same time."""
         steps = sorted(self.recent, key=lambda s: s[1])
@@ -555,13 +565,7 @@ class VLLMEngine:
             token_logprobs=_sampled_logprobs(comp),
             prompt_token_ids=tuple(final.prompt_token_ids or ()),
         )
-        st.steps += 1
-        st.prompt_tokens += result.prompt_tokens
-        st.cached_tokens += result.cached_tokens
-        st.generated_tokens += result.generated_tokens
-        st.audio_seconds += result.audio_seconds
-        st.encoded_seconds += result.encoded_seconds
-        st.recent.append((request.stream_id, started, finished))
+        st.record(request.stream_id, result)
         return result
 
     async def _check_window_reuse(self) -> None:

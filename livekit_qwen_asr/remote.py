@@ -261,13 +261,7 @@ class VLLMServerEngine:
             token_logprobs=tuple(float(x) for x in logprobs),
             prompt_token_ids=tuple(prompt_ids),
         )
-        st.steps += 1
-        st.prompt_tokens += result.prompt_tokens
-        st.cached_tokens += result.cached_tokens
-        st.generated_tokens += result.generated_tokens
-        st.audio_seconds += result.audio_seconds
-        st.encoded_seconds += result.encoded_seconds
-        st.recent.append((request.stream_id, started, finished))
+        st.record(request.stream_id, result)
         return result
 
 
