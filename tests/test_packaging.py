@@ -108,6 +108,9 @@ def test_wheel_ships_the_namespace_portion_without_namespace_init_files(tmp_path
     assert "livekit/plugins/qwen_asr/__init__.py" in names
     assert "livekit/plugins/qwen_asr/py.typed" in names
     assert "livekit_qwen_asr/__init__.py" in names and "livekit_qwen_asr/plugin.py" in names
+    # the test model the main job falls back to, and its in-domain recording
+    for asset in ("test_model.safetensors", "test_model_speech.wav", "test_model_speech.json"):
+        assert f"livekit_qwen_asr/assets/{asset}" in names
     assert "livekit/__init__.py" not in names and "livekit/plugins/__init__.py" not in names
     assert not [
         n for n in names if n.startswith("livekit/") and not n.startswith("livekit/plugins/qwen_asr/")
