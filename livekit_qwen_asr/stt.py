@@ -48,6 +48,7 @@ from .session_context import conversation_reply_text, session_ends_turns
 from .streaming import SAMPLE_RATE, Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
 
 SYNTHETIC_LABEL = "[synthetic model: not a transcription]"
+MAX_PIECE = SAMPLE_RATE // 2  # input samples handed to the segmenter at a time
 VAD_WINDOW = 512  # samples per silero VAD inference at 16 kHz (livekit.local_inference.VAD_WINDOW_SAMPLES)
 
 
@@ -679,10 +680,15 @@ class SpeechStream(stt.RecognizeStream):
                 async with self._route_lock:
                     await self._execute(self._segmenter.on_flush())
             else:
-                if self._vad_stream is not None:
-                    self._vad_stream.push_frame(rtc.AudioFrame(item.tobytes(), SAMPLE_RATE, 1, len(item)))  # type: ignore[union-attr]
-                async with self._route_lock:
-                    await self._execute(self._segmenter.on_audio(item))  # type: ignore[arg-type]
+                # a huge frame (e.g. minutes of audio in one push) goes through in short pieces, so the
+                # length limit cuts it like streamed audio instead of after one oversized push
+                for start in range(0, len(item), MAX_PIECE):  # type: ignore[arg-type]
+                    piece = item[start : start + MAX_PIECE]  # type: ignore[index]
+                    if self._vad_stream is not None:
+                        frame = rtc.AudioFrame(piece.tobytes(), SAMPLE_RATE, 1, len(piece))
+                        self._vad_stream.push_frame(frame)
+                    async with self._route_lock:
+                        await self._execute(self._segmenter.on_audio(piece))
         # end of input: let the VAD judge every sample, then end the last utterance
         if self._vad_stream is not None:
             self._vad_stream.end_input()

@@ -206,6 +206,20 @@ async def test_rejected_request_is_not_retried(engine, speech16k):
     assert rec.attempts <= 2 and not rec.requests and len(errors) == 1 and not errors[0].recoverable
 
 
+async def test_one_huge_frame_is_cut_at_the_length_limit(engine, speech16k):
+    # found by the hostile-frame fuzz run: one frame at 3 Hz with 500 samples is 167 s of audio; pushed
+    # whole, the utterance outgrew the limit (vLLM refused its 40+ encoder windows) instead of being cut
+    audio = np.tile(speech16k, 8)[: 70 * SR]
+    rec = RecordingEngine(engine)
+    stream = STT(engine=rec, vad=None, max_utterance_sec=20).stream()
+    stream.push_frame(rtc.AudioFrame(audio.tobytes(), SR, 1, audio.shape[0]))
+    stream.end_input()
+    events = await collect(stream)
+    finals = [ev for ev in events if ev.type == E.FINAL_TRANSCRIPT]
+    assert len(finals) >= 3  # 70 s in utterances of at most 20 s
+    assert max(r.audio.shape[0] for r in rec.requests) <= 20 * SR + SR // 2  # + one piece
+
+
 async def test_recognize_offline_buffer(engine, speech16k):
     rec = RecordingEngine(engine)
     ev = await STT(engine=rec, vad=None).recognize(stereo_frames(speech16k[: 6 * SR]))
