@@ -745,6 +745,27 @@ def count_params(preset: str) -> int:
     return sum(_numel(shape) for _, shape, _ in _weight_specs(_get_preset(preset)))
 
 
+def write_support_files(out_dir: Path, p: Preset, cache_dir: Path | None = None) -> None:
+    """Everything of the official layout but config.json and the weights: tokenizer, special tokens,
+    chat template, processor and generation configs (also used by livekit_qwen_asr.test_model)."""
+    tok_dir = build_tokenizer_files(cache_dir)
+    for name in _TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / name, out_dir / name)
+    tok_cfg = _tokenizer_config()
+    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
+    _write_json(
+        out_dir / "special_tokens_map.json",
+        {
+            "eos_token": tok_cfg["eos_token"],
+            "pad_token": tok_cfg["pad_token"],
+            "additional_special_tokens": _ADDITIONAL_SPECIAL,
+        },
+    )
+    _write_json(out_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    _write_json(out_dir / "preprocessor_config.json", _preprocessor_config(p))
+    _write_json(out_dir / "generation_config.json", _generation_config())
+
+
 def generate(preset: str, out_dir: Path, seed: int = 0, *, cache_dir: Path | None = None) -> dict[str, Any]:
     """Write a synthetic checkpoint of ``preset`` into ``out_dir`` and return a summary.
 
@@ -761,23 +782,8 @@ def generate(preset: str, out_dir: Path, seed: int = 0, *, cache_dir: Path | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").unlink(missing_ok=True)
 
-    tok_dir = build_tokenizer_files(cache_dir)
+    write_support_files(out_dir, p, cache_dir)
     t_tok = time.perf_counter() - t0
-    for name in _TOKENIZER_FILES:
-        shutil.copyfile(tok_dir / name, out_dir / name)
-    tok_cfg = _tokenizer_config()
-    _write_json(out_dir / "tokenizer_config.json", tok_cfg)
-    _write_json(
-        out_dir / "special_tokens_map.json",
-        {
-            "eos_token": tok_cfg["eos_token"],
-            "pad_token": tok_cfg["pad_token"],
-            "additional_special_tokens": _ADDITIONAL_SPECIAL,
-        },
-    )
-    _write_json(out_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
-    _write_json(out_dir / "preprocessor_config.json", _preprocessor_config(p))
-    _write_json(out_dir / "generation_config.json", _generation_config())
 
     specs = _weight_specs(p)
     n_params = sum(_numel(shape) for _, shape, _ in specs)

@@ -102,23 +102,8 @@ def expand(out_dir: Path, compact: Path | None = None, *, cache_dir: Path | None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").unlink(missing_ok=True)
-    p = synthetic.PRESETS["tiny"]  # tokenizer/processor files do not depend on the shapes
-    tok_dir = synthetic.build_tokenizer_files(cache_dir)
-    for name in synthetic._TOKENIZER_FILES:
-        shutil.copyfile(tok_dir / name, out_dir / name)
-    tok_cfg = synthetic._tokenizer_config()
-    synthetic._write_json(out_dir / "tokenizer_config.json", tok_cfg)
-    synthetic._write_json(
-        out_dir / "special_tokens_map.json",
-        {
-            "eos_token": tok_cfg["eos_token"],
-            "pad_token": tok_cfg["pad_token"],
-            "additional_special_tokens": synthetic._ADDITIONAL_SPECIAL,
-        },
-    )
-    synthetic._write_json(out_dir / "chat_template.json", {"chat_template": synthetic.CHAT_TEMPLATE})
-    synthetic._write_json(out_dir / "preprocessor_config.json", synthetic._preprocessor_config(p))
-    synthetic._write_json(out_dir / "generation_config.json", synthetic._generation_config())
+    # tokenizer/processor files do not depend on the shapes
+    synthetic.write_support_files(out_dir, synthetic.PRESETS["tiny"], cache_dir)
     save_file(
         {k: v.contiguous() for k, v in weights.items()}, str(out_dir / "model.safetensors"), {"format": "pt"}
     )
