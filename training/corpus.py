@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,22 @@ SPLITS = {
     "test": (2_000_000, TRAIN_VARIANTS),  # new sentences, seen voices
     "test_unseen": (3_000_000, HELD_OUT_VARIANTS),  # new sentences, voice variants never trained on
     "test_noise": (4_000_000, TRAIN_VARIANTS),  # new sentences, seen voices, noise on every example
+    # Curriculum: the spike's acoustic range (12 variants, 140-190 wpm, near-default pitch and level, no
+    # noise), same example kinds.  The full range kept the encoder's CTC on its blank plateau.
+    "train_easy": (5_000_000, TRAIN_VARIANTS[:12]),
 }
+
+
+@dataclass(frozen=True)
+class Acoustics:
+    speed: tuple[int, int] = (120, 210)  # words per minute
+    pitch: tuple[int, int] = (20, 80)
+    gain: tuple[float, float] = (0.05, 0.95)  # peak, fraction of full scale
+    noise_p: float = 0.3  # share of examples with white/brown noise at 5-35 dB SNR
+
+
+FULL = Acoustics()
+EASY = Acoustics(speed=(140, 190), pitch=(35, 65), gain=(0.5, 0.95), noise_p=0.0)
 
 
 def load_words() -> list[str]:
@@ -102,15 +118,15 @@ def hash_words(words: list[str]) -> int:
     return h
 
 
-def _voice(rng: random.Random, variants: tuple[str, ...]) -> tuple[str, int, int]:
+def _voice(rng: random.Random, variants: tuple[str, ...], ac: Acoustics) -> tuple[str, int, int]:
     base = rng.choice(BASES)
     var = rng.choice(variants)
-    return base + (f"+{var}" if var else ""), rng.randint(120, 210), rng.randint(20, 80)
+    return base + (f"+{var}" if var else ""), rng.randint(*ac.speed), rng.randint(*ac.pitch)
 
 
-def _augment(rng: random.Random, audio: np.ndarray, noise: bool) -> np.ndarray:
+def _augment(rng: random.Random, audio: np.ndarray, noise: bool, ac: Acoustics) -> np.ndarray:
     peak = float(np.abs(audio).max()) or 1.0
-    audio = audio * (rng.uniform(0.05, 0.95) / peak)
+    audio = audio * (rng.uniform(*ac.gain) / peak)
     if noise:
         g = np.random.default_rng(rng.getrandbits(32))
         n = g.standard_normal(len(audio)).astype(np.float32)
@@ -138,14 +154,23 @@ class Generator:
             return_attention_mask=True,
         )
 
-    def _say(self, rng: random.Random, variants: tuple[str, ...], held_out: bool) -> Utterance:
+    def _say(
+        self, rng: random.Random, variants: tuple[str, ...], held_out: bool, ac: Acoustics = FULL
+    ) -> Utterance:
         while True:
             ws = sentence(rng, self.words)
             if is_held_out(ws) == held_out:
                 break
-        return self.espeak.say(ws, *_voice(rng, variants))
+        return self.espeak.say(ws, *_voice(rng, variants, ac))
 
-    def example(self, rng: random.Random, variants: tuple[str, ...], held_out: bool, noise_p: float) -> dict:
+    def example(
+        self,
+        rng: random.Random,
+        variants: tuple[str, ...],
+        held_out: bool,
+        noise_p: float,
+        ac: Acoustics = FULL,
+    ) -> dict:
         """One example: audio, target text, kind, voice."""
         r = rng.random()
         lead = np.zeros(int(rng.uniform(0.0, 0.4) * SAMPLE_RATE), np.float32)
@@ -153,7 +178,7 @@ class Generator:
             parts, words, voices = [lead], [], []
             n = 0
             for _ in range(rng.randint(2, 6)):
-                u = self._say(rng, variants, held_out)
+                u = self._say(rng, variants, held_out, ac)
                 seg = u.audio[: u.speech_end]
                 if n + len(seg) > (MAX_SECONDS - 1.0) * SAMPLE_RATE:
                     break
@@ -165,7 +190,7 @@ class Generator:
             audio = np.concatenate(parts)
             kind, text, voice = "long", " ".join(words), "; ".join(voices)
         else:
-            u = self._say(rng, variants, held_out)
+            u = self._say(rng, variants, held_out, ac)
             text, voice = " ".join(u.words), u.voice
             tail = np.zeros(int(rng.uniform(0.0, 0.4) * SAMPLE_RATE), np.float32)
             if r < 0.45:  # cut at an arbitrary point after the first word began
@@ -177,7 +202,7 @@ class Generator:
             else:
                 audio = np.concatenate([lead, u.audio[: u.speech_end], tail])
                 kind = "whole"
-        audio = _augment(rng, audio, noise=rng.random() < noise_p)
+        audio = _augment(rng, audio, noise=rng.random() < noise_p, ac=ac)
         return {"audio": audio, "text": text, "kind": kind, "voice": voice}
 
     def features(self, audio: np.ndarray) -> torch.Tensor:
@@ -203,10 +228,11 @@ def write_shard(
 ) -> Path:
     seed_base, variants = SPLITS[split]
     rng = random.Random(seed_base + index)
-    noise_p = 1.0 if split == "test_noise" else (0.0 if split.startswith("test") else 0.3)
+    ac = EASY if split == "train_easy" else FULL
+    noise_p = 1.0 if split == "test_noise" else (0.0 if split.startswith("test") else ac.noise_p)
     out: dict[str, list] = {"text": [], "kind": [], "voice": [], "feats": [], "audio": []}
     for _ in range(size):
-        ex = gen.example(rng, variants, held_out=split != "train", noise_p=noise_p)
+        ex = gen.example(rng, variants, held_out=split.startswith("test"), noise_p=noise_p, ac=ac)
         out["text"].append(ex["text"])
         out["kind"].append(ex["kind"])
         out["voice"].append(ex["voice"])
@@ -237,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         if shard_path(a.split, i).exists():
             continue
         t0 = time.time()
-        write_shard(gen, a.split, i, a.size, keep_audio=a.keep_audio or a.split != "train")
+        keep = a.keep_audio or a.split.startswith("test")
+        write_shard(gen, a.split, i, a.size, keep_audio=keep)
         print(f"{a.split} shard {i}: {a.size} examples in {time.time() - t0:.1f}s", flush=True)
     return 0
 

@@ -26,7 +26,7 @@ import torch
 from training import corpus
 from training.model import Heads, Vocab, build_model, greedy, loss_fn, model_config, parse, wer
 
-STATE_DIR = Path(__file__).resolve().parent / "state"
+STATE_DIR = Path(os.environ.get("TEST_MODEL_STATE", Path(__file__).resolve().parent / "state"))
 TOKENIZER_DIR_ENV = "TEST_MODEL_TOKENIZER"
 
 
@@ -42,9 +42,13 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
+def shard_files(split: str) -> list[Path]:
+    return sorted(corpus.DATA_DIR.glob(f"{split}_[0-9]*.pt"))  # "train_0001", not "train_easy_0001"
+
+
 def load_shards(split: str, limit: int | None = None) -> tuple[list[str], list[str], list[torch.Tensor]]:
     texts, kinds, feats = [], [], []
-    for p in sorted(corpus.DATA_DIR.glob(f"{split}_*.pt"))[:limit]:
+    for p in shard_files(split)[:limit]:
         d = torch.load(p)
         texts += d["text"]
         kinds += d["kind"]
@@ -52,14 +56,19 @@ def load_shards(split: str, limit: int | None = None) -> tuple[list[str], list[s
     return texts, kinds, feats
 
 
-def batches(lens: list[int], max_frames: int, rng: random.Random):
-    """Length-bucketed batches of at most ``max_frames`` padded frames, shuffled, forever."""
+def batches(lens: list[int], max_frames: int, rng: random.Random, batch_size: int = 0):
+    """Shuffled length-bucketed batches, forever: ``batch_size`` examples each (the spike's recipe:
+    sorted groups of 32 batches), or with ``batch_size`` 0 at most ``max_frames`` padded frames."""
     while True:
         idx = list(range(len(lens)))
         rng.shuffle(idx)
         out = []
-        for g in range(0, len(idx), 2048):
-            grp = sorted(idx[g : g + 2048], key=lambda i: lens[i])
+        group = batch_size * 32 if batch_size else 2048
+        for g in range(0, len(idx), group):
+            grp = sorted(idx[g : g + group], key=lambda i: lens[i])
+            if batch_size:
+                out += [grp[j : j + batch_size] for j in range(0, len(grp) - batch_size + 1, batch_size)]
+                continue
             cur: list[int] = []
             for i in grp:
                 if cur and (len(cur) + 1) * lens[i] > max_frames:
@@ -197,18 +206,18 @@ class Trainer:
 
     def run(self) -> None:
         a = self.a
-        texts, kinds, feats = load_shards("train")
+        texts, kinds, feats = load_shards(a.train_split)
         if not texts:
             raise SystemExit(f"no training shards in {corpus.DATA_DIR}: run python -m training.corpus first")
         n_loaded = len(texts)
-        n_shards = len(list(corpus.DATA_DIR.glob("train_*.pt")))
+        n_shards = len(shard_files(a.train_split))
         eval_sets = {
             s: tuple(x[: a.eval_n] for x in load_shards(s, 1)) for s in ("test", "test_unseen", "test_noise")
         }
         eval_sets = {k: v for k, v in eval_sets.items() if v[0]}
         lens = [f.shape[1] for f in feats]
         rng = random.Random(a.seed + self.step)
-        it = batches(lens, a.max_frames, rng)
+        it = batches(lens, a.max_frames, rng, a.batch_size)
         stop = {"flag": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
         signal.signal(signal.SIGINT, lambda *_: stop.update(flag=True))
@@ -218,12 +227,12 @@ class Trainer:
         acc: dict[str, float] = {"ce": 0.0, "ctc": 0.0, "n": 0, "ex": 0}
         self.model.train()
         while not stop["flag"] and time.time() < t_end:
-            if self.step % 500 == 0 and len(list(corpus.DATA_DIR.glob("train_*.pt"))) > n_shards:
-                texts, kinds, feats = load_shards("train")  # shards written since the start
-                n_shards = len(list(corpus.DATA_DIR.glob("train_*.pt")))
+            if self.step % 500 == 0 and len(shard_files(a.train_split)) > n_shards:
+                texts, kinds, feats = load_shards(a.train_split)  # shards written since the start
+                n_shards = len(shard_files(a.train_split))
                 n_loaded = len(texts)
                 lens = [f.shape[1] for f in feats]
-                it = batches(lens, a.max_frames, rng)
+                it = batches(lens, a.max_frames, rng, a.batch_size)
             b = next(it)
             c0, w0 = time.process_time(), time.time()
             lr = self.lr_at()
@@ -262,6 +271,7 @@ class Trainer:
                         "gnorm": round(float(gn), 3),
                         "examples_per_batch": round(acc["ex"] / acc["n"], 1),
                         "train_examples": n_loaded,
+                        "train_split": a.train_split,
                     }
                 )
                 acc = {"ce": 0.0, "ctc": 0.0, "n": 0, "ex": 0}
@@ -286,11 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--planned-cpu-h", type=float, default=12.0, help="cosine schedule length in CPU hours")
     ap.add_argument("--max-frames", type=int, default=5000, help="padded log-mel frames per batch")
+    ap.add_argument("--batch-size", type=int, default=16, help="examples per batch (0: --max-frames)")
     ap.add_argument("--ctc", type=float, default=0.3)
     ap.add_argument("--eval-every", type=float, default=20, help="minutes")
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--save-every", type=float, default=5, help="minutes")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-split", default="train", choices=["train", "train_easy"])
     ap.add_argument(
         "--arch", default="{}", help="JSON overrides of training.model.DEFAULT_ARCH (new state only)"
     )
