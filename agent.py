@@ -4,6 +4,7 @@
     python -m livekit.agents start agent.py  # production worker (what `lk agent start` runs)
     python agent.py start                    # the same; `python agent.py dev` for a dev worker
     python agent.py --model /models/Qwen3-ASR-0.6B --language en --endpointing-ms 500 start
+    python agent.py --engine-url http://gpu1:8000,http://gpu2:8000 --capacity 40 start  # vLLM servers
     python -m livekit.agents download-files  # fetch $QWEN_ASR_MODEL into the Hugging Face cache
 
 The LiveKit server comes from LIVEKIT_URL / LIVEKIT_API_KEY / LIVEKIT_API_SECRET (or --url /
@@ -20,6 +21,11 @@ jobs run as threads of the worker process (`QWEN_ASR_EXECUTOR=thread`), so ALL r
 and their steps batch together; the engine lives on its own event-loop thread (`LoopThreadEngine`).
 `process` runs each job in its own process (one engine per process: only sensible when several
 engines fit, e.g. on CPU hosts with spare cores).
+
+With `--engine-url` (QWEN_ASR_BASE_URL) the worker loads no model: every job's STT sends its steps to
+those vLLM servers (scripts/serve.sh), and jobs run in LiveKit's default process executor.
+`--capacity N` makes the worker report its load as streams / N, so LiveKit stops sending it jobs at N
+(docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -34,18 +40,17 @@ from livekit_qwen_asr.worker import WorkerSettings, logger, run_script
 
 
 def prewarm(proc: JobProcess) -> None:
-    """Load the engine before any job arrives (once per process; job threads share it)."""
+    """Load the engine before any job arrives (once per process; job threads share it). With a
+    remote engine (--engine-url) there is nothing to load: each job's STT connects to the server."""
     settings = WorkerSettings.from_env()
-    engine = LoopThreadEngine.shared(settings.engine_options())
-    engine.wait_ready(settings.load_timeout)
     proc.userdata["qwen_asr_settings"] = settings
-    proc.userdata["qwen_asr_engine"] = engine
+    proc.userdata["qwen_asr_engine"] = settings.load_engine()
 
 
 async def entrypoint(ctx: JobContext) -> None:
     settings: WorkerSettings = ctx.proc.userdata.get("qwen_asr_settings") or WorkerSettings.from_env()
     engine: LoopThreadEngine | None = ctx.proc.userdata.get("qwen_asr_engine")
-    if engine is None:  # prewarm did not run (e.g. a custom server): load now, once per process
+    if engine is None and not settings.remote:  # prewarm did not run (e.g. a custom server)
         engine = LoopThreadEngine.shared(settings.engine_options())
         await engine.ready()
     stt = settings.make_stt(engine)
@@ -63,11 +68,7 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 def make_server(settings: WorkerSettings) -> AgentServer:
-    server = AgentServer(
-        setup_fnc=prewarm,
-        job_executor_type=settings.executor_type,
-        initialize_process_timeout=settings.load_timeout,
-    )
+    server = AgentServer(setup_fnc=prewarm, **settings.server_options())
     server.rtc_session(entrypoint)
     return server
 

@@ -14,7 +14,11 @@ keyterms reach the recognizer as context.
 
 The LLM and TTS go through LiveKit Inference (VOICE_AGENT_LLM / VOICE_AGENT_TTS, model strings as
 AgentSession accepts them). The engine is loaded once per worker process in prewarm and shared by all
-sessions of that process (`qwen_asr.LoopThreadEngine`, as in agent.py).
+sessions of that process (`qwen_asr.LoopThreadEngine`, as in agent.py); with QWEN_ASR_BASE_URL (or
+`--engine-url`) the steps go to vLLM servers instead, nothing is loaded, and each session runs in
+LiveKit's default process executor:
+
+    python examples/voice_agent.py --engine-url http://127.0.0.1:8000 --capacity 20 start
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from livekit.agents import (
     JobProcess,
     inference,
 )
-from livekit.plugins import qwen_asr
 
 from livekit_qwen_asr.worker import WorkerSettings, run_script
 
@@ -48,22 +51,14 @@ class Assistant(Agent):
 
 def prewarm(proc: JobProcess) -> None:
     settings = _settings()
-    engine = qwen_asr.LoopThreadEngine.shared(settings.engine_options())
     proc.userdata["vad"] = inference.VAD()
-    engine.wait_ready(settings.load_timeout)
-    proc.userdata["qwen_asr_engine"] = engine
+    proc.userdata["qwen_asr_engine"] = settings.load_engine()  # None with a remote engine
 
 
 async def entrypoint(ctx: JobContext) -> None:
     settings = _settings()
-    engine: qwen_asr.LoopThreadEngine = ctx.proc.userdata["qwen_asr_engine"]
-    stt = qwen_asr.STT(
-        engine=engine,
-        language=settings.language,
-        context=settings.context,
-        endpointing_ms=settings.endpointing_ms,
-        max_utterance_sec=settings.max_utterance_sec,
-    )
+    stt = settings.make_stt(ctx.proc.userdata["qwen_asr_engine"])
+    ctx.add_shutdown_callback(stt.aclose)  # closes its server connection (remote engine)
     session = AgentSession(
         stt=stt,
         vad=ctx.proc.userdata["vad"],
@@ -79,11 +74,7 @@ async def entrypoint(ctx: JobContext) -> None:
 
 
 def make_server(settings: WorkerSettings) -> AgentServer:
-    server = AgentServer(
-        setup_fnc=prewarm,
-        job_executor_type=settings.executor_type,
-        initialize_process_timeout=settings.load_timeout,
-    )
+    server = AgentServer(setup_fnc=prewarm, **settings.server_options())
     server.rtc_session(entrypoint)
     return server
 

@@ -70,6 +70,11 @@ class EngineTimeoutError(EngineError):
 
 
 class RequestRejectedError(EngineError):
-    """The engine refused the request itself (e.g. prompt longer than max_model_len): do not retry."""
+    """The engine refused the request itself (e.g. prompt longer than max_model_len, or a remote
+    server's 401 for a wrong API key): do not retry. `status_code`: the HTTP status (400 in-process)."""
 
     retryable = False
+
+    def __init__(self, message: str, *, status_code: int = 400) -> None:
+        super().__init__(message)
+        self.status_code = status_code

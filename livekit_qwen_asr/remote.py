@@ -24,13 +24,14 @@ import io
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .engine import EngineStats, StepRequest, StepResult
-from .errors import EngineError, EngineUnavailableError, RequestRejectedError
+from .errors import EngineError, EngineUnavailableError, InvalidOptionError, RequestRejectedError
 from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
 from .streaming import TokenCodec
 
@@ -96,83 +97,103 @@ def float32_wav(audio: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-class VLLMServerEngine:
-    """`ASREngine` over one vLLM OpenAI-compatible server (a router or load balancer URL works too).
+@dataclass
+class _Server:
+    url: str
+    down_until: float = 0.0  # monotonic time before which new streams avoid it
+    streams: int = 0  # streams pinned to it now
+    steps: int = 0  # steps it answered
 
-    Build it with `await VLLMServerEngine.start(base_url, api_key=...)`. One pooled aiohttp session per
-    engine; errors map onto the engine errors the plugin turns into LiveKit's: connection failures and
-    5xx are retryable (`EngineUnavailableError`), 4xx are not (`RequestRejectedError`), and a step that
-    outlives the plugin's step timeout is a LiveKit `APITimeoutError`.
+
+class VLLMServerEngine:
+    """`ASREngine` over one or more vLLM OpenAI-compatible servers (a router or load balancer URL
+    counts as one).
+
+    Build it with `await VLLMServerEngine.start(base_url, api_key=...)`; `base_url` may be a list (or
+    a comma-separated string) of servers running the same checkpoint. One pooled aiohttp session per
+    engine. Each stream keeps the server its first step went to (its prefix and audio caches live
+    there); a server that fails (connection error or 5xx) is avoided for `cooldown` seconds and its
+    streams move to the least busy healthy one at their next step. Errors map onto the engine errors
+    the plugin turns into LiveKit's: connection failures and 5xx are retryable
+    (`EngineUnavailableError` -> `APIConnectionError`), 4xx are not (`RequestRejectedError` ->
+    `APIStatusError` with the HTTP status), and a step that outlives the plugin's step timeout is an
+    `APITimeoutError`.
     """
 
     reuses_windows = False
 
     def __init__(
         self,
-        base_url: str,
+        base_urls: list[str],
         model: str,
         codec: TokenCodec,
         session: Any,
         request_timeout: float,
         synthetic: bool = False,
+        cooldown: float = 10.0,
     ) -> None:
         self.is_synthetic = synthetic
-        self._url = base_url.rstrip("/")
+        self._servers = [_Server(u) for u in base_urls]
         self._model = model
         self._codec = codec
         self._session = session
         self._timeout = request_timeout
+        self._cooldown = cooldown
+        self._pinned: dict[str, _Server] = {}
         self._stats = EngineStats()
         self._closed = False
 
     @classmethod
     async def start(
         cls,
-        base_url: str,
+        base_url: str | list[str] | tuple[str, ...],
         *,
         api_key: str | None = None,
         model: str | None = None,
         tokenizer_dir: str | Path | None = None,
         request_timeout: float = 60.0,
+        cooldown: float = 10.0,
     ) -> VLLMServerEngine:
+        """Connect and check every server: it answers, serves `model` (default: the first server's
+        first model) and tokenizes as our Qwen tokenizer does. A server that does not answer is
+        skipped with a warning (and retried after `cooldown`) as long as one other does."""
         import aiohttp
 
-        url = base_url.rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise EngineUnavailableError(f"base_url must be an http(s) URL, got {base_url!r}")
+        urls = parse_base_urls(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         session = aiohttp.ClientSession(headers=headers)
         try:
-            models = await _get_json(session, f"{url}/v1/models", request_timeout)
-            cards = {m.get("id"): m for m in models.get("data", [])}
-            served = list(cards)
-            if model is None:
-                if not served:
-                    raise EngineUnavailableError(f"vLLM server at {url} serves no model")
-                model = served[0]
-            elif model not in served:
-                raise EngineUnavailableError(f"vLLM server at {url} serves {served}, not {model!r}")
             codec = await asyncio.to_thread(qwen_codec, tokenizer_dir)
-            theirs = await _post_json(
-                session,
-                f"{url}/tokenize",
-                {"model": model, "prompt": _PROBE, "add_special_tokens": False},
-                request_timeout,
-            )
-            if theirs.get("tokens") != codec.encode(_PROBE):
-                raise EngineUnavailableError(
-                    f"vLLM server at {url} tokenizes differently from the Qwen tokenizer this plugin uses "
-                    f"for the rollback; pass tokenizer_dir= with the served checkpoint's tokenizer files"
-                )
+            up: list[str] = []
+            roots: list[str] = []
+            down: list[EngineUnavailableError] = []
+            for url in urls:
+                try:
+                    model, root = await _check_server(session, url, model, codec, request_timeout)
+                except EngineUnavailableError as e:
+                    if len(urls) == 1:
+                        raise
+                    down.append(e)
+                    continue
+                up.append(url)
+                roots.append(root)
+            if not up:
+                raise EngineUnavailableError("; ".join(str(e) for e in down))
         except BaseException:
             await session.close()
             raise
+        assert model is not None
+        for e in down:
+            logger.warning("skipping a vLLM server for now: %s", e)
         # the checkpoint's config is not visible over HTTP, but vLLM's model card names its path:
         # this package's random-weight checkpoints are cached as qwen3-asr-synthetic-*
-        root = str(cards[model].get("root") or "")
-        synthetic = Path(root).name.startswith("qwen3-asr-synthetic-")
-        logger.info("using vLLM server %s (model %s)", url, model)
-        return cls(url, model, codec, session, request_timeout, synthetic)
+        synthetic = all(Path(r).name.startswith("qwen3-asr-synthetic-") for r in roots)
+        engine = cls(urls, model, codec, session, request_timeout, synthetic, cooldown)
+        for server in engine._servers:
+            if server.url not in up:
+                server.down_until = time.monotonic() + cooldown
+        logger.info("using vLLM server(s) %s (model %s)", ", ".join(up), model)
+        return engine
 
     # -- protocol --------------------------------------------------------------------------------
     @property
@@ -189,18 +210,48 @@ class VLLMServerEngine:
 
     @property
     def base_url(self) -> str:
-        return self._url
+        """The first server's URL (`base_urls` has them all)."""
+        return self._servers[0].url
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [s.url for s in self._servers]
+
+    @property
+    def server_steps(self) -> dict[str, int]:
+        """Steps each server answered."""
+        return {s.url: s.steps for s in self._servers}
 
     def base_prompt(self, context: str) -> str:
         return chatml_base_prompt(context)
 
     def release_stream(self, stream_id: str) -> None:
-        pass  # the server keeps nothing per stream that a client must release
+        server = self._pinned.pop(stream_id, None)
+        if server is not None:
+            server.streams -= 1
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
             await self._session.close()
+
+    def _server_for(self, stream_id: str) -> _Server:
+        """The stream's server; a stream without one (new, or its server failed) gets the healthy
+        server with the fewest streams (all down: the one that comes back first)."""
+        server = self._pinned.get(stream_id)
+        now = time.monotonic()
+        if server is not None and server.down_until <= now:
+            return server
+        self.release_stream(stream_id)
+        healthy = [s for s in self._servers if s.down_until <= now]
+        server = (
+            min(healthy, key=lambda s: s.streams)
+            if healthy
+            else min(self._servers, key=lambda s: s.down_until)
+        )
+        server.streams += 1
+        self._pinned[stream_id] = server
+        return server
 
     async def step(self, request: StepRequest) -> StepResult:
         if self._closed:
@@ -226,16 +277,22 @@ class VLLMServerEngine:
             "top_logprobs": 0,
         }
         st = self._stats
+        server = self._server_for(request.stream_id)
+        url = server.url
         st.in_flight += 1
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
         started = time.monotonic()
         try:
-            out = await _post_json(self._session, f"{self._url}/v1/chat/completions", body, self._timeout)
-        except EngineError:
+            out = await _post_json(self._session, f"{url}/v1/chat/completions", body, self._timeout)
+        except EngineError as e:
             st.failed_steps += 1
+            if e.retryable:  # the server is down or failing: its streams move at their next step
+                server.down_until = time.monotonic() + self._cooldown
+                self.release_stream(request.stream_id)
             raise
         finally:
             st.in_flight -= 1
+        server.steps += 1
         finished = time.monotonic()
         try:
             choice = out["choices"][0]
@@ -247,7 +304,7 @@ class VLLMServerEngine:
             logprobs = [c["logprob"] for c in ((choice.get("logprobs") or {}).get("content") or [])]
         except (KeyError, IndexError, TypeError) as e:
             st.failed_steps += 1
-            raise EngineError(f"vLLM server at {self._url} sent an unexpected answer: {e!r}") from e
+            raise EngineError(f"vLLM server at {url} sent an unexpected answer: {e!r}") from e
         result = StepResult(
             text=text,
             prompt_tokens=len(prompt_ids) or int(usage.get("prompt_tokens", 0)),
@@ -263,6 +320,45 @@ class VLLMServerEngine:
         )
         st.record(request.stream_id, result)
         return result
+
+
+def parse_base_urls(base_url: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`"http://a:8000, http://b:8000"` or a list -> checked, de-duplicated URLs without a trailing /."""
+    items = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+    urls: list[str] = []
+    for item in items:
+        url = str(item).strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise InvalidOptionError(f"base_url must be http(s) URLs, got {item!r}")
+        if url not in urls:
+            urls.append(url)
+    if not urls:
+        raise InvalidOptionError(f"base_url names no server: {base_url!r}")
+    return urls
+
+
+async def _check_server(
+    session: Any, url: str, model: str | None, codec: TokenCodec, timeout: float
+) -> tuple[str, str]:
+    """(served model, its checkpoint path) of a server that answers and tokenizes as `codec`."""
+    models = await _get_json(session, f"{url}/v1/models", timeout)
+    cards = {m.get("id"): m for m in models.get("data", [])}
+    served = list(cards)
+    if model is None:
+        if not served:
+            raise EngineUnavailableError(f"vLLM server at {url} serves no model")
+        model = served[0]
+    elif model not in served:
+        raise EngineUnavailableError(f"vLLM server at {url} serves {served}, not {model!r}")
+    theirs = await _post_json(
+        session, f"{url}/tokenize", {"model": model, "prompt": _PROBE, "add_special_tokens": False}, timeout
+    )
+    if theirs.get("tokens") != codec.encode(_PROBE):
+        raise EngineUnavailableError(
+            f"vLLM server at {url} tokenizes differently from the Qwen tokenizer this plugin uses "
+            f"for the rollback; pass tokenizer_dir= with the served checkpoint's tokenizer files"
+        )
+    return model, str(cards[model].get("root") or "")
 
 
 def _audio_part(wav_b64: str) -> dict:
@@ -290,7 +386,9 @@ async def _request(session: Any, method: str, url: str, body: dict | None, timeo
             if resp.status >= 500:
                 raise EngineUnavailableError(f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}")
             if resp.status >= 400:
-                raise RequestRejectedError(f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}")
+                raise RequestRejectedError(
+                    f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}", status_code=resp.status
+                )
             try:
                 return json.loads(payload)
             except ValueError as e:

@@ -30,6 +30,7 @@ from livekit.agents import vad as lk_vad
 from livekit.agents.types import NOT_GIVEN, NotGivenOr
 from livekit.agents.utils import AudioBuffer, is_given
 
+from . import load
 from .audio import AudioNormalizer, frames_to_16k_mono
 from .endpointing import Action, EndpointingConfig, Finish, Pause, Push, Resume, Segmenter, Start
 from .engine import (
@@ -44,6 +45,7 @@ from .engine import (
 from .errors import EngineError, InvalidAudioError, InvalidOptionError, TooManyStreamsError
 from .log import logger
 from .prompt import language_code, normalize_language, sanitize_user_text
+from .remote import parse_base_urls
 from .session_context import conversation_reply_text, session_ends_turns
 from .streaming import SAMPLE_RATE, Hypothesis, StepPlan, StreamingConfig, StreamingTranscriber
 
@@ -178,7 +180,7 @@ class STT(stt.STT):
         engine: ASREngine | None = None,
         engine_options: EngineOptions | None = None,
         max_streams: int | None = None,
-        base_url: str | None = None,
+        base_url: str | list[str] | None = None,
         api_key: str | None = None,
     ) -> None:
         """Streaming Qwen3-ASR.
@@ -204,6 +206,8 @@ class STT(stt.STT):
                 input has ended and its last event was delivered.
             base_url: a vLLM OpenAI-compatible server (`scripts/serve.sh`, `vllm serve`) to run the
                 steps on instead of an in-process engine (env QWEN_ASR_BASE_URL); needs no torch/vLLM.
+                Several servers: a list or a comma-separated string (each stream keeps one; see
+                docs/deployment.md).
             api_key: that server's API key (env QWEN_ASR_API_KEY).
         """
         super().__init__(
@@ -239,7 +243,11 @@ class STT(stt.STT):
         self._reply_context = ""
         self._engine = engine
         self._engine_options = engine_options or EngineOptions(model=model)
-        self._base_url = base_url or os.environ.get("QWEN_ASR_BASE_URL") or None
+        if base_url and engine is not None:
+            raise InvalidOptionError("pass engine= or base_url=, not both")
+        urls = base_url or os.environ.get("QWEN_ASR_BASE_URL") or None
+        self._base_url = parse_base_urls(urls) if urls and engine is None else None
+        self._owns_engine = False
         self._api_key = api_key or os.environ.get("QWEN_ASR_API_KEY") or None
         self._engine_lock = asyncio.Lock()
         self._session_keyterms: tuple[str, ...] = ()
@@ -297,10 +305,16 @@ class STT(stt.STT):
                         from .remote import VLLMServerEngine
 
                         self._engine = await VLLMServerEngine.start(self._base_url, api_key=self._api_key)
+                        self._owns_engine = True
                     else:
                         self._engine = await get_shared_engine(self._engine_options)
+                except RequestRejectedError as e:  # e.g. 401: a wrong API key; a retry cannot help
+                    raise APIStatusError(
+                        f"Qwen3-ASR engine refused: {e}", status_code=e.status_code, retryable=False
+                    ) from e
                 except EngineError as e:
-                    raise APIConnectionError(f"Qwen3-ASR engine unavailable: {e}") from e
+                    msg = f"Qwen3-ASR engine unavailable: {e}"
+                    raise APIConnectionError(msg, retryable=e.retryable) from e
         return self._engine
 
     def prewarm(self) -> None:
@@ -328,7 +342,8 @@ class STT(stt.STT):
             s.set_reply_context(self._reply_context)
         self._streams.add(s)
         self._open.add(s)
-        s._task.add_done_callback(lambda _: self._open.discard(s))  # ended, failed or closed
+        load.stream_opened()  # the worker's load (load.worker_load_fnc) counts it until it ends
+        s._task.add_done_callback(lambda _: (self._open.discard(s), load.stream_closed()))
         return s
 
     @property
@@ -416,6 +431,10 @@ class STT(stt.STT):
     async def aclose(self) -> None:
         for s in list(self._streams):
             await s.aclose()
+        if self._owns_engine and self._engine is not None:  # a server connection it opened itself
+            async with self._engine_lock:
+                engine, self._engine = self._engine, None
+                await engine.aclose()  # type: ignore[attr-defined]
 
 
 async def _run_step(
@@ -442,7 +461,7 @@ async def _run_step(
             f"Qwen3-ASR step exceeded {limit:.1f} s ({sharing} step(s) sharing the engine)"
         ) from e
     except RequestRejectedError as e:
-        raise APIStatusError(str(e), status_code=400, retryable=False) from e
+        raise APIStatusError(str(e), status_code=e.status_code, retryable=False) from e
     except EngineError as e:
         raise APIConnectionError(str(e), retryable=e.retryable) from e
 

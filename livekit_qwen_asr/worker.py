@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from livekit.agents import JobExecutorType
 
 from .engine import DEFAULT_MODEL, ASREngine, EngineOptions
+from .load import worker_load_fnc
+from .loop_thread import LoopThreadEngine
+from .remote import parse_base_urls
 from .stt import STT
 
 # under `livekit.` so livekit-agents' log setup (level, JSON format) applies to it
@@ -33,19 +36,32 @@ class WorkerSettings:
     max_utterance_sec: float = 30.0
     executor: str = "thread"
     load_timeout: float = 900.0
+    engine_url: str | None = None  # vLLM server(s): no engine in this process
+    engine_api_key: str | None = None
+    capacity: int | None = None  # streams this worker takes before LiveKit marks it full
 
     @classmethod
     def from_env(cls) -> WorkerSettings:
         env = os.environ
+        url = env.get("QWEN_ASR_BASE_URL") or None
+        capacity = env.get("QWEN_ASR_CAPACITY") or None
         return cls(
             model=env.get("QWEN_ASR_MODEL") or DEFAULT_MODEL,
             language=env.get("QWEN_ASR_LANGUAGE") or None,
             context=env.get("QWEN_ASR_CONTEXT", ""),
             endpointing_ms=int(env.get("QWEN_ASR_ENDPOINTING_MS") or 500),
             max_utterance_sec=float(env.get("QWEN_ASR_MAX_UTTERANCE_SEC") or 30.0),
-            executor=env.get("QWEN_ASR_EXECUTOR") or "thread",
+            # a remote engine costs a job process nothing to load: LiveKit's default executor then
+            executor=env.get("QWEN_ASR_EXECUTOR") or ("process" if url else "thread"),
             load_timeout=float(env.get("QWEN_ASR_LOAD_TIMEOUT") or 900.0),
+            engine_url=url,
+            engine_api_key=env.get("QWEN_ASR_API_KEY") or None,
+            capacity=int(capacity) if capacity else None,
         )
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.engine_url)
 
     @property
     def executor_type(self) -> JobExecutorType:
@@ -54,14 +70,39 @@ class WorkerSettings:
     def engine_options(self) -> EngineOptions:
         return EngineOptions(model=self.model)
 
-    def make_stt(self, engine: ASREngine) -> STT:
+    def load_engine(self) -> LoopThreadEngine | None:
+        """For `prewarm`: the process's in-process engine, loaded (blocks up to `load_timeout`);
+        None with a remote engine (each job's STT connects to the server(s) itself)."""
+        if self.remote:
+            return None
+        engine = LoopThreadEngine.shared(self.engine_options())
+        engine.wait_ready(self.load_timeout)
+        return engine
+
+    def make_stt(self, engine: ASREngine | None = None) -> STT:
+        """The job's STT: on `engine` (from `load_engine`), or on the vLLM server(s). Close it at the
+        end of the job (`await stt.aclose()` also closes its server connection)."""
         return STT(
-            engine=engine,
+            engine=None if self.remote else engine,
+            base_url=self.engine_url if self.remote else None,
+            api_key=self.engine_api_key,
             language=self.language,
             context=self.context,
             endpointing_ms=self.endpointing_ms,
             max_utterance_sec=self.max_utterance_sec,
         )
+
+    def server_options(self) -> dict:
+        """`AgentServer(**settings.server_options(), setup_fnc=...)`: executor, process start-up time,
+        and with `capacity` LiveKit's load from our streams (`load.worker_load_fnc`)."""
+        opts: dict = {
+            "job_executor_type": self.executor_type,
+            "initialize_process_timeout": self.load_timeout,
+        }
+        if self.capacity is not None:
+            opts["load_fnc"] = worker_load_fnc(self.capacity)
+            opts["load_threshold"] = 1.0
+        return opts
 
 
 FLAGS = (  # flag, env var, type, help
@@ -70,7 +111,25 @@ FLAGS = (  # flag, env var, type, help
     ("--context", "QWEN_ASR_CONTEXT", str, "context text for the model: topic, names, spellings"),
     ("--endpointing-ms", "QWEN_ASR_ENDPOINTING_MS", int, "silence that ends an utterance (default 500)"),
     ("--max-utterance-sec", "QWEN_ASR_MAX_UTTERANCE_SEC", float, "longest utterance before a cut (30)"),
-    ("--executor", "QWEN_ASR_EXECUTOR", str, "thread (default: all rooms share one engine) | process"),
+    (
+        "--engine-url",
+        "QWEN_ASR_BASE_URL",
+        str,
+        "vLLM server(s) to run on instead of an in-process engine (comma-separated; scripts/serve.sh)",
+    ),
+    ("--engine-api-key", "QWEN_ASR_API_KEY", str, "the vLLM server's API key (--api-key is LiveKit's)"),
+    (
+        "--capacity",
+        "QWEN_ASR_CAPACITY",
+        int,
+        "streams per worker before it reports full (default: CPU load)",
+    ),
+    (
+        "--executor",
+        "QWEN_ASR_EXECUTOR",
+        str,
+        "thread (default in-process: all rooms share one engine) | process (default with --engine-url)",
+    ),
     ("--load-timeout", "QWEN_ASR_LOAD_TIMEOUT", float, "seconds allowed for loading the engine (900)"),
 )
 
@@ -105,7 +164,14 @@ def apply_cli(argv: list[str], prog: str = "agent.py") -> list[str]:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             os.environ[env] = str(value)
-    settings = WorkerSettings.from_env()
+    try:
+        settings = WorkerSettings.from_env()
+        if settings.capacity is not None:
+            worker_load_fnc(settings.capacity)
+        if settings.remote:
+            parse_base_urls(settings.engine_url or "")
+    except ValueError as e:
+        parser.error(str(e))
     if settings.executor not in ("thread", "process"):
         parser.error(f"--executor must be thread or process, got {settings.executor!r}")
     if "-h" in rest or "--help" in rest or not rest:

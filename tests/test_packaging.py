@@ -11,7 +11,6 @@ import http.server
 import importlib
 import os
 import pkgutil
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from livekit.agents import Plugin
 
 import livekit_qwen_asr
 from livekit_qwen_asr.plugin import QwenASRPlugin, register_plugin
+
+from .wheel_build import build_wheel
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "livekit.plugins.qwen_asr"
@@ -91,19 +92,7 @@ def test_installed_namespace_lists_the_plugin_outside_the_checkout(tmp_path):
 def test_wheel_ships_the_namespace_portion_without_namespace_init_files(tmp_path):
     """Built like livekit-plugins-*: livekit/plugins/qwen_asr/ in the wheel, no livekit/__init__.py or
     livekit/plugins/__init__.py (which would shadow livekit-agents and every other plugin)."""
-    src = tmp_path / "checkout"  # a copy: an in-tree build leaves build/ and *.egg-info behind
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, src / name)
-    for pkg in ("livekit", "livekit_qwen_asr"):
-        shutil.copytree(REPO / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    pip = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-    # the source as a path: a bare name would be looked up on the package index
-    proc = subprocess.run(
-        [*pip, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    wheel = build_wheel(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "livekit/plugins/qwen_asr/__init__.py" in names
     assert "livekit/plugins/qwen_asr/py.typed" in names

@@ -135,7 +135,7 @@ async def test_a_bad_frame_inside_an_agent_session_is_dropped_and_reported_witho
     plugin.on("error", errors.append)
     stream = plugin.stream(conn_options=FAST_RETRY)
     audio = speech16k[: 3 * SR]
-    stream.push_frame(mono_frame(audio[: SR]))
+    stream.push_frame(mono_frame(audio[:SR]))
     bad = rtc.AudioFrame(b"\0\0" * 160, SR, 1, 160)
     bad._sample_rate = 0  # a corrupt header (rtc validates at construction, so corrupt it after)
     stream.push_frame(bad)  # no exception: the session's forwarder keeps running

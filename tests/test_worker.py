@@ -142,3 +142,75 @@ def test_loop_thread_engine_lives_in_the_package():
 
     assert LoopThreadEngine.__module__ == "livekit_qwen_asr.loop_thread"
     assert qwen_asr.LoopThreadEngine is LoopThreadEngine
+
+
+def test_engine_url_settings_run_jobs_against_servers(clean_import):
+    """--engine-url: no engine in the worker, LiveKit's default process executor, STTs on the servers."""
+    from livekit_qwen_asr import STT
+
+    clean_import.setenv("QWEN_ASR_BASE_URL", "http://gpu1:8000, http://gpu2:8000/")
+    clean_import.setenv("QWEN_ASR_API_KEY", "k")
+    clean_import.delenv("QWEN_ASR_EXECUTOR", raising=False)
+    settings = WorkerSettings.from_env()
+    assert settings.remote and settings.executor_type == JobExecutorType.PROCESS
+    assert settings.load_engine() is None  # nothing to load: prewarm returns at once
+    stt = settings.make_stt(None)
+    assert isinstance(stt, STT) and stt.engine is None
+    assert stt._base_url == ["http://gpu1:8000", "http://gpu2:8000"] and stt._api_key == "k"
+    get_import_data(path=REPO / "agent.py")
+    assert sys.modules["agent"].server._job_executor_type == JobExecutorType.PROCESS
+
+
+def test_engine_flags_become_env_and_bad_values_fail_up_front(clean_import, capsys):
+    import os
+
+    from livekit_qwen_asr.worker import apply_cli
+
+    for env in ("QWEN_ASR_BASE_URL", "QWEN_ASR_API_KEY", "QWEN_ASR_CAPACITY"):
+        clean_import.setenv(env, "")  # restored after the test, though apply_cli sets it
+    rest = apply_cli(
+        [
+            "--engine-url",
+            "http://h:8000",
+            "--engine-api-key",
+            "s3",
+            "--capacity",
+            "12",
+            "start",
+            "--api-key",
+            "lk",
+        ]
+    )
+    assert rest == ["start", "--api-key", "lk"]  # --api-key stays LiveKit's
+    assert os.environ["QWEN_ASR_BASE_URL"] == "http://h:8000" and os.environ["QWEN_ASR_API_KEY"] == "s3"
+    assert WorkerSettings.from_env().capacity == 12
+    for bad in (["--engine-url", "h:8000", "start"], ["--capacity", "0", "start"]):
+        with pytest.raises(SystemExit):
+            apply_cli(bad)
+    assert "http(s)" in capsys.readouterr().err
+
+
+def test_capacity_makes_livekit_load_the_streams_per_capacity(clean_import):
+    from livekit_qwen_asr import load
+
+    clean_import.setenv("QWEN_ASR_CAPACITY", "4")
+    get_import_data(path=REPO / "agent.py")
+    server = sys.modules["agent"].server
+    assert server._load_threshold == 1.0 and server.load_fnc is not None
+
+    class RunningJobs:  # AgentServer.active_jobs exists once the server runs (needs a LiveKit server)
+        active_jobs = [object()] * 3
+        _proc_pool = object()
+
+    base = load.open_streams()
+    assert server.load_fnc(RunningJobs()) == max(base, 3) / 4  # process executor: jobs count
+    for _ in range(6):
+        load.stream_opened()
+    try:
+        assert server.load_fnc(server) == 1.0  # capped: LiveKit marks the worker full
+    finally:
+        for _ in range(6):
+            load.stream_closed()
+    assert load.open_streams() == base
+    with pytest.raises(ValueError):
+        load.worker_load_fnc(0)
