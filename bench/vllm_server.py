@@ -39,6 +39,7 @@ class ServerProcess:
             "--model", str(checkpoint), "--served-model-name", served_name,
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype, "--enforce-eager",
             "--max-model-len", str(max_model_len), "--limit-mm-per-prompt", '{"audio": 4}',
+            "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens: cache hits
         ]  # fmt: skip
         if api_key:
             self.cmd += ["--api-key", api_key]
