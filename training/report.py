@@ -11,7 +11,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "test-model.md"
-LOGS = {"stage 0 (1,000 words, abandoned)": "log-stage0-1000words.jsonl", "stage 1 (402 words)": "log.jsonl"}
+LOGS = {
+    "stage 0 (1,000 words, frame-budget batches; abandoned)": "log-stage0-1000words.jsonl",
+    "stage 1, first try (402 words, frame-budget batches; abandoned: CTC plateau)": (
+        "log-stage1-frame-batches.jsonl"
+    ),
+    "stage 1 (402 words, 16-example batches, train_easy first)": "log.jsonl",
+}
 
 INTRO = """# The test model
 
@@ -56,6 +62,9 @@ def render() -> str:
             continue
         last = train[-1]
         out.append(f"### {title}\n")
+        splits = sorted({r["train_split"] for r in train if "train_split" in r})
+        if splits:
+            out.append(f"Training split(s): {', '.join(f'`{x}`' for x in splits)}.\n")
         out.append(
             f"{last['step']} steps, {last['cpu_h']:.2f} CPU hours "
             f"(last loss: CE {last['ce']:.2f}, CTC {last['ctc']:.2f}).\n"
