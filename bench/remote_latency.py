@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.run import percentile
 from bench.vllm_server import ServerProcess
 from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine
 from livekit_qwen_asr.remote import VLLMServerEngine
@@ -31,10 +32,6 @@ from livekit_qwen_asr.streaming import StreamingConfig, StreamingTranscriber
 from livekit_qwen_asr.synthetic import ensure_checkpoint
 
 SR = 16000
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 async def one_stream(engine, audio: np.ndarray, sid: str, max_new: int) -> list[dict]:

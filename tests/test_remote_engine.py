@@ -22,17 +22,12 @@ from livekit_qwen_asr.errors import EngineUnavailableError, RequestRejectedError
 from livekit_qwen_asr.remote import VLLMServerEngine, float32_wav, split_prompt
 from livekit_qwen_asr.streaming import StreamingConfig, StreamingTranscriber
 
+from .test_plugin_contract import mono_frame
 from .wheel_build import build_wheel
 
 SR = 16000
 SERVED = "qwen3-asr-tiny"
 API_KEY = "test-secret"
-
-
-def rtc_frame(piece: np.ndarray):
-    from livekit import rtc
-
-    return rtc.AudioFrame(piece.astype(np.int16).tobytes(), SR, 1, len(piece))
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +245,7 @@ async def test_a_stream_survives_its_server_being_killed_and_restarted(vllm_serv
     from livekit.agents import APIConnectOptions, stt
 
     audio = speech16k[: 8 * SR]
-    frames = [rtc_frame(audio[i : i + 1600]) for i in range(0, len(audio), 1600)]
+    frames = [mono_frame(audio[i : i + 1600]) for i in range(0, len(audio), 1600)]
     plugin = STT(base_url=server, api_key=API_KEY, vad=None)
     try:
         await plugin.ensure_engine()

@@ -70,8 +70,8 @@ SPLITS = {
     "test": (2_000_000, TRAIN_VARIANTS),  # new sentences, seen voices
     "test_unseen": (3_000_000, HELD_OUT_VARIANTS),  # new sentences, voice variants never trained on
     "test_noise": (4_000_000, TRAIN_VARIANTS),  # new sentences, seen voices, noise on every example
-    # Curriculum: the spike's acoustic range (12 variants, 140-190 wpm, near-default pitch and level, no
-    # noise), same example kinds.  The full range kept the encoder's CTC on its blank plateau.
+    # Curriculum's first stage: the spike's acoustic range (12 variants, 140-190 wpm, near-default pitch
+    # and level, no noise), same sentences and example kinds (training/README.md).
     "train_easy": (5_000_000, TRAIN_VARIANTS[:12]),
 }
 
@@ -221,6 +221,11 @@ class Generator:
 
 def shard_path(split: str, index: int) -> Path:
     return DATA_DIR / f"{split}_{index:04d}.pt"
+
+
+def shard_files(split: str) -> list[Path]:
+    """The split's shards on disk, in order ("train_0001", not "train_easy_0001")."""
+    return sorted(DATA_DIR.glob(f"{split}_[0-9]*.pt"))
 
 
 def write_shard(

@@ -42,13 +42,9 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
-def shard_files(split: str) -> list[Path]:
-    return sorted(corpus.DATA_DIR.glob(f"{split}_[0-9]*.pt"))  # "train_0001", not "train_easy_0001"
-
-
 def load_shards(split: str, limit: int | None = None) -> tuple[list[str], list[str], list[torch.Tensor]]:
     texts, kinds, feats = [], [], []
-    for p in shard_files(split)[:limit]:
+    for p in corpus.shard_files(split)[:limit]:
         d = torch.load(p)
         texts += d["text"]
         kinds += d["kind"]
@@ -210,7 +206,7 @@ class Trainer:
         if not texts:
             raise SystemExit(f"no training shards in {corpus.DATA_DIR}: run python -m training.corpus first")
         n_loaded = len(texts)
-        n_shards = len(shard_files(a.train_split))
+        n_shards = len(corpus.shard_files(a.train_split))
         eval_sets = {
             s: tuple(x[: a.eval_n] for x in load_shards(s, 1)) for s in ("test", "test_unseen", "test_noise")
         }
@@ -227,9 +223,9 @@ class Trainer:
         acc: dict[str, float] = {"ce": 0.0, "ctc": 0.0, "n": 0, "ex": 0}
         self.model.train()
         while not stop["flag"] and time.time() < t_end:
-            if self.step % 500 == 0 and len(shard_files(a.train_split)) > n_shards:
+            if self.step % 500 == 0 and len(corpus.shard_files(a.train_split)) > n_shards:
                 texts, kinds, feats = load_shards(a.train_split)  # shards written since the start
-                n_shards = len(shard_files(a.train_split))
+                n_shards = len(corpus.shard_files(a.train_split))
                 n_loaded = len(texts)
                 lens = [f.shape[1] for f in feats]
                 it = batches(lens, a.max_frames, rng, a.batch_size)
@@ -302,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--save-every", type=float, default=5, help="minutes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-split", default="train", choices=["train", "train_easy"])
+    ap.add_argument("--train-split", default="train_easy", choices=["train", "train_easy"])
     ap.add_argument(
         "--arch", default="{}", help="JSON overrides of training.model.DEFAULT_ARCH (new state only)"
     )
