@@ -31,6 +31,7 @@ class ServerProcess:
         dtype: str = "float32",
         kv_cache_gib: float = 1.0,
         max_model_len: int = 4096,
+        windows: bool = True,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -41,6 +42,8 @@ class ServerProcess:
             "--max-model-len", str(max_model_len), "--limit-mm-per-prompt", '{"audio": 4}',
             "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens: cache hits
         ]  # fmt: skip
+        if windows:  # /inference/v1/generate with feature items: the remote engine's window reuse
+            self.cmd += ["--enable-scale-out", "--enable-mm-embeds"]
         if api_key:
             self.cmd += ["--api-key", api_key]
         self.env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}"}

@@ -13,6 +13,11 @@ builds locally (no model hub: `synthetic.build_tokenizer_files`); at start the e
 against the server's own `/tokenize` on a probe text with the special tokens, so a server running
 another tokenizer is refused with a clear error instead of drifting.
 
+With a server started with `--enable-scale-out --enable-mm-embeds` (scripts/serve.sh does) and torch
+on this side (`pip install 'livekit-qwen-asr[features]'`), steps go to `/inference/v1/generate` with
+the utterance's encoder windows instead, so completed windows are not re-encoded (remote_windows.py);
+a start-up probe checks that path answers exactly as the chat path, else the chat path is used.
+
 No torch and no vLLM are imported here: `pip install livekit-qwen-asr` is enough for this mode.
 """
 
@@ -26,7 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +40,9 @@ from .errors import EngineError, EngineUnavailableError, InvalidOptionError, Req
 from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
 from .streaming import TokenCodec
 
+if TYPE_CHECKING:
+    from .remote_windows import WindowRequests
+
 logger = logging.getLogger("livekit.plugins.qwen_asr")
 
 SAMPLE_RATE = 16000
@@ -42,6 +50,16 @@ _SYSTEM_HEAD = "<|im_start|>system\n"
 _USER_TURN = f"<|im_end|>\n<|im_start|>user\n{AUDIO_PLACEHOLDER}<|im_end|>\n<|im_start|>assistant\n"
 # Special tokens and a few merges: a server with another tokenizer answers with other ids.
 _PROBE = "<|im_start|>system\nlanguage English<asr_text>Hello, world! 你好 ...\n<|im_end|>"
+GENERATE = "/inference/v1/generate"
+N_FFT = 400  # features.N_FFT (features.py imports nothing heavy, but this module stays minimal)
+
+
+class ServerError(EngineUnavailableError):
+    """A server answered 5xx (retryable, like a connection failure). `status_code`: the HTTP status."""
+
+    def __init__(self, message: str, *, status_code: int) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class TokenizersCodec:
@@ -103,6 +121,7 @@ class _Server:
     down_until: float = 0.0  # monotonic time before which new streams avoid it
     streams: int = 0  # streams pinned to it now
     steps: int = 0  # steps it answered
+    windows: bool = False  # steps go to /inference/v1/generate with encoder windows (probed at start)
 
 
 class VLLMServerEngine:
@@ -120,8 +139,6 @@ class VLLMServerEngine:
     `APITimeoutError`.
     """
 
-    reuses_windows = False
-
     def __init__(
         self,
         base_urls: list[str],
@@ -131,8 +148,10 @@ class VLLMServerEngine:
         request_timeout: float,
         synthetic: bool = False,
         cooldown: float = 10.0,
+        windows: WindowRequests | None = None,
     ) -> None:
         self.is_synthetic = synthetic
+        self._windows = windows
         self._servers = [_Server(u) for u in base_urls]
         self._model = model
         self._codec = codec
@@ -153,10 +172,13 @@ class VLLMServerEngine:
         tokenizer_dir: str | Path | None = None,
         request_timeout: float = 60.0,
         cooldown: float = 10.0,
+        reuse_windows: bool = True,
     ) -> VLLMServerEngine:
         """Connect and check every server: it answers, serves `model` (default: the first server's
         first model) and tokenizes as our Qwen tokenizer does. A server that does not answer is
-        skipped with a warning (and retried after `cooldown`) as long as one other does."""
+        skipped with a warning (and retried after `cooldown`) as long as one other does.
+        `reuse_windows`: probe each server for exact window reuse over HTTP (module docstring); a
+        server that fails the probe, or one down at start, gets the chat path."""
         import aiohttp
 
         urls = parse_base_urls(base_url)
@@ -192,8 +214,69 @@ class VLLMServerEngine:
         for server in engine._servers:
             if server.url not in up:
                 server.down_until = time.monotonic() + cooldown
-        logger.info("using vLLM server(s) %s (model %s)", ", ".join(up), model)
+        if reuse_windows:
+            try:
+                await engine._enable_windows(up)
+            except BaseException:
+                await session.close()
+                raise
+        mode = "encoder windows" if engine.reuses_windows else "chat"
+        logger.info("using vLLM server(s) %s (model %s, %s path)", ", ".join(up), model, mode)
         return engine
+
+    async def _enable_windows(self, urls: list[str]) -> None:
+        from .remote_windows import WindowRequests, WindowStats, client_feature_cache
+
+        features, why = await asyncio.to_thread(client_feature_cache)
+        if features is None:
+            logger.warning("window reuse over HTTP off, using the chat path: %s", why)
+            return
+        windows = WindowRequests(features, self._codec, self._model)
+        for server in self._servers:
+            if server.url in urls:
+                why = await self._probe_windows(server, windows)
+                server.windows = why is None
+                if why is not None:
+                    logger.warning(
+                        "window reuse over HTTP off for %s, using the chat path: %s", server.url, why
+                    )
+        windows.stats = WindowStats()  # the probe's items are not the streams'
+        self._windows = windows
+
+    async def _probe_windows(self, server: _Server, windows: WindowRequests) -> str | None:
+        """None when `/inference/v1/generate` with feature items (all sent, then the completed one by
+        hash) answers 10 s of noise with the chat path's prompt and tokens; else why not."""
+        rng = np.random.default_rng(0)
+        audio = (rng.standard_normal(10 * SAMPLE_RATE) * 0.05).astype(np.float32)
+        prompt, sid = self.base_prompt(""), "window-probe"
+        try:
+            chat = await _post_json(
+                self._session,
+                f"{server.url}/v1/chat/completions",
+                self._chat_body(StepRequest(prompt, audio, 4, sid)),
+                self._timeout,
+            )
+            items = await asyncio.to_thread(windows.items, sid, audio)
+            answers = []
+            for by_reference in (False, True):
+                step = windows.build(sid, server.url, prompt, items, 4, by_reference)
+                answers.append(
+                    await _post_json(self._session, server.url + GENERATE, step.body, self._timeout)
+                )
+                windows.sent(sid, server.url, step)
+        except RequestRejectedError as e:
+            if e.status_code in (403, 404):
+                return f"the server has no {GENERATE} (start it with --enable-scale-out --enable-mm-embeds)"
+            return f"the server refused feature items ({e})"
+        except EngineUnavailableError as e:  # a 500 for the window sent by hash: no multimodal cache
+            return f"the server failed feature items (is its multimodal cache off?): {e}"
+        finally:
+            windows.forget(sid)
+        want = (chat.get("prompt_token_ids"), chat["choices"][0].get("token_ids"))
+        for answer in answers:
+            if (answer.get("prompt_token_ids"), answer["choices"][0].get("token_ids")) != want:
+                return "feature items answered differently from raw audio (client and server features differ)"
+        return None
 
     # -- protocol --------------------------------------------------------------------------------
     @property
@@ -225,10 +308,23 @@ class VLLMServerEngine:
     def base_prompt(self, context: str) -> str:
         return chatml_base_prompt(context)
 
+    @property
+    def reuses_windows(self) -> bool:
+        """Whether steps to some server go as encoder windows (`/inference/v1/generate`)."""
+        return self._windows is not None and any(s.windows for s in self._servers)
+
+    @property
+    def window_stats(self) -> dict[str, int]:
+        """Windows sent with data, sent by hash only, and steps re-sent after a server cache miss."""
+        w = self._windows
+        return dict(vars(w.stats)) if w is not None else {}
+
     def release_stream(self, stream_id: str) -> None:
         server = self._pinned.pop(stream_id, None)
         if server is not None:
             server.streams -= 1
+        if self._windows is not None and stream_id:
+            self._windows.forget(stream_id)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -256,12 +352,42 @@ class VLLMServerEngine:
     async def step(self, request: StepRequest) -> StepResult:
         if self._closed:
             raise EngineUnavailableError("engine is closed")
-        context, prefix = split_prompt(request.prompt)
+        split_prompt(request.prompt)  # refuses another layout up front
         audio = np.asarray(request.audio, dtype=np.float32)
         if audio.ndim != 1 or audio.size == 0:
             raise RequestRejectedError(f"audio must be non-empty 1-D float32, got shape {audio.shape}")
-        wav = base64.b64encode(float32_wav(audio)).decode()
-        body = {
+        st = self._stats
+        server = self._server_for(request.stream_id)
+        st.in_flight += 1
+        st.max_in_flight = max(st.max_in_flight, st.in_flight)
+        started = time.monotonic()
+        try:
+            if self._windows is not None and server.windows and audio.shape[0] >= N_FFT:
+                result = await self._generate_step(server, request, audio, started)
+            else:
+                out = await _post_json(
+                    self._session,
+                    f"{server.url}/v1/chat/completions",
+                    self._chat_body(request),
+                    self._timeout,
+                )
+                result = _chat_result(out, server.url, audio, started)
+        except EngineError as e:
+            st.failed_steps += 1
+            if e.retryable:  # the server is down or failing: its streams move at their next step
+                server.down_until = time.monotonic() + self._cooldown
+                self.release_stream(request.stream_id)
+            raise
+        finally:
+            st.in_flight -= 1
+        server.steps += 1
+        st.record(request.stream_id, result)
+        return result
+
+    def _chat_body(self, request: StepRequest) -> dict:
+        context, prefix = split_prompt(request.prompt)
+        wav = base64.b64encode(float32_wav(np.asarray(request.audio, dtype=np.float32))).decode()
+        return {
             "model": self._model,
             "messages": [
                 {"role": "system", "content": context},
@@ -276,50 +402,78 @@ class VLLMServerEngine:
             "logprobs": True,
             "top_logprobs": 0,
         }
-        st = self._stats
-        server = self._server_for(request.stream_id)
-        url = server.url
-        st.in_flight += 1
-        st.max_in_flight = max(st.max_in_flight, st.in_flight)
-        started = time.monotonic()
+
+    async def _generate_step(
+        self, server: _Server, request: StepRequest, audio: np.ndarray, started: float
+    ) -> StepResult:
+        from .remote_windows import encoded_seconds
+
+        windows = self._windows
+        assert windows is not None
+        sid, url = request.stream_id, server.url
+        items = await asyncio.to_thread(windows.items, sid, audio)  # a long first step: a full STFT
+        max_tokens = max(1, int(request.max_tokens))
+        step = windows.build(sid, url, request.prompt, items, max_tokens, by_reference=True)
         try:
-            out = await _post_json(self._session, f"{url}/v1/chat/completions", body, self._timeout)
-        except EngineError as e:
-            st.failed_steps += 1
-            if e.retryable:  # the server is down or failing: its streams move at their next step
-                server.down_until = time.monotonic() + self._cooldown
-                self.release_stream(request.stream_id)
-            raise
-        finally:
-            st.in_flight -= 1
-        server.steps += 1
-        finished = time.monotonic()
+            out = await _post_json(self._session, url + GENERATE, step.body, self._timeout)
+        except ServerError as e:
+            if not step.by_reference or e.status_code != 500:
+                raise
+            # vLLM answers a window it evicted from its cache with a 500: send them all once more
+            windows.stats.resent_steps += 1
+            step = windows.build(sid, url, request.prompt, items, max_tokens, by_reference=False)
+            out = await _post_json(self._session, url + GENERATE, step.body, self._timeout)
+        windows.sent(sid, url, step)
         try:
             choice = out["choices"][0]
-            text = choice["message"]["content"] or ""
+            text = choice["text"] or ""
             generated = choice.get("token_ids") or []
-            prompt_ids = out.get("prompt_token_ids") or []
-            usage = out.get("usage") or {}
-            details = usage.get("prompt_tokens_details") or {}
             logprobs = [c["logprob"] for c in ((choice.get("logprobs") or {}).get("content") or [])]
         except (KeyError, IndexError, TypeError) as e:
-            st.failed_steps += 1
             raise EngineError(f"vLLM server at {url} sent an unexpected answer: {e!r}") from e
-        result = StepResult(
+        prompt_ids = out.get("prompt_token_ids") or []
+        usage = out.get("usage") or {}
+        cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        return StepResult(
             text=text,
             prompt_tokens=len(prompt_ids) or int(usage.get("prompt_tokens", 0)),
-            cached_tokens=int(details.get("cached_tokens") or 0),
+            cached_tokens=cached,
             generated_tokens=len(generated) or int(usage.get("completion_tokens", 0)),
             audio_seconds=audio.shape[0] / SAMPLE_RATE,
             started_at=started,
-            finished_at=finished,
-            audio_items=1,
-            encoded_seconds=audio.shape[0] / SAMPLE_RATE,
+            finished_at=time.monotonic(),
+            audio_items=len(step.sizes),
+            encoded_seconds=encoded_seconds(step, cached),
             token_logprobs=tuple(float(x) for x in logprobs),
             prompt_token_ids=tuple(prompt_ids),
         )
-        st.record(request.stream_id, result)
-        return result
+
+
+def _chat_result(out: dict, url: str, audio: np.ndarray, started: float) -> StepResult:
+    finished = time.monotonic()
+    try:
+        choice = out["choices"][0]
+        text = choice["message"]["content"] or ""
+        generated = choice.get("token_ids") or []
+        prompt_ids = out.get("prompt_token_ids") or []
+        usage = out.get("usage") or {}
+        details = usage.get("prompt_tokens_details") or {}
+        logprobs = [c["logprob"] for c in ((choice.get("logprobs") or {}).get("content") or [])]
+    except (KeyError, IndexError, TypeError) as e:
+        raise EngineError(f"vLLM server at {url} sent an unexpected answer: {e!r}") from e
+    return StepResult(
+        text=text,
+        prompt_tokens=len(prompt_ids) or int(usage.get("prompt_tokens", 0)),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+        generated_tokens=len(generated) or int(usage.get("completion_tokens", 0)),
+        audio_seconds=audio.shape[0] / SAMPLE_RATE,
+        started_at=started,
+        finished_at=finished,
+        audio_items=1,
+        encoded_seconds=audio.shape[0] / SAMPLE_RATE,
+        token_logprobs=tuple(float(x) for x in logprobs),
+        prompt_token_ids=tuple(prompt_ids),
+    )
 
 
 def parse_base_urls(base_url: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -384,7 +538,9 @@ async def _request(session: Any, method: str, url: str, body: dict | None, timeo
         ) as resp:
             payload = await resp.text()
             if resp.status >= 500:
-                raise EngineUnavailableError(f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}")
+                raise ServerError(
+                    f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}", status_code=resp.status
+                )
             if resp.status >= 400:
                 raise RequestRejectedError(
                     f"vLLM server {url}: HTTP {resp.status}: {payload[:300]}", status_code=resp.status

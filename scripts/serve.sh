@@ -15,8 +15,9 @@ fi
 source scripts/preload.sh
 export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-${KV_GIB:-2}}"
 args=(--model "$MODEL" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"
-      --max-model-len 8192 --limit-mm-per-prompt '{"audio": 4}' --mm-processor-cache-gb 0.25
-      --enable-prompt-tokens-details)  # clients see their prefix-cache hits (EngineStats.cached_tokens)
+      --max-model-len 8192 --limit-mm-per-prompt '{"audio": 4}' --mm-processor-cache-gb 1
+      --enable-prompt-tokens-details  # clients see their prefix-cache hits (EngineStats.cached_tokens)
+      --enable-scale-out --enable-mm-embeds)  # /inference/v1/generate with encoder windows (window reuse)
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   args+=(--enforce-eager)  # CPU: no graph capture (fast start)
 fi

@@ -1,8 +1,8 @@
 """A LiveKit job process's view of a shared vLLM server, for tests/test_remote_engine.py: two streams
 of one `STT(base_url=...)`, started when the parent writes a line to stdin (so several such processes
 start together). Prints two JSON lines: which of torch / vLLM / transformers got imported, then each
-stream's finals and every step's (start, end) in CLOCK_MONOTONIC seconds, which all processes of a
-machine share.
+stream's finals, every step's (start, end) in CLOCK_MONOTONIC seconds, which all processes of a
+machine share, and whether the engine sent encoder windows (remote_windows.py) or used the chat path.
 
     python -m tests.remote_client URL API_KEY AUDIO.npy
 """
@@ -38,9 +38,10 @@ async def main(url: str, api_key: str, audio_path: str) -> None:
     sys.stdin.readline()  # the parent's go: every client starts its streams now
     finals = await asyncio.gather(run_stream(plugin, audio), run_stream(plugin, audio[::-1].copy()))
     steps = [(start, end) for _sid, start, end in plugin.engine.stats.recent]
+    windows = getattr(plugin.engine, "reuses_windows", None)
     await plugin.aclose()
     print(json.dumps(sorted(m for m in ("torch", "vllm", "transformers") if m in sys.modules)))
-    print(json.dumps({"finals": finals, "steps": steps}), flush=True)
+    print(json.dumps({"finals": finals, "steps": steps, "reuses_windows": windows}), flush=True)
 
 
 if __name__ == "__main__":

@@ -72,31 +72,97 @@ def test_prompt_split_and_refusal():
 
 @pytest.mark.timeout(900)
 async def test_every_step_of_a_30_s_stream_equals_the_in_process_engine(server, engine, speech16k):
+    """Both remote paths, step by step against the in-process engine on raw audio: the chat path, and
+    encoder windows over /inference/v1/generate (completed windows by hash, served from the server's
+    caches)."""
     # the shared engine starts from empty caches, as in test_window_reuse: in the full suite (stop 17's
     # CI) its first raw step generated '' where a fresh engine and the server generate text
     assert engine.stats.in_flight == 0
     await engine._llm.reset_mm_cache()
     assert await engine._llm.reset_prefix_cache()
-    remote = await VLLMServerEngine.start(server, api_key=API_KEY)
+    chat = await VLLMServerEngine.start(server, api_key=API_KEY, reuse_windows=False)
+    windows = await VLLMServerEngine.start(server, api_key=API_KEY)
     try:
-        assert remote.model_name == SERVED and remote.is_synthetic  # labelled like the in-process one
+        assert chat.model_name == SERVED and chat.is_synthetic  # labelled like the in-process one
+        assert windows.reuses_windows and not chat.reuses_windows
         audio = np.tile(speech16k, 2)[: 30 * SR].astype(np.float32) / 32768
-        t = StreamingTranscriber(StreamingConfig(), remote.codec, remote.base_prompt)
+        t = StreamingTranscriber(StreamingConfig(), chat.codec, chat.base_prompt)
         t.push_audio(audio)
-        steps = 0
+        steps, by_window = 0, []
         while (plan := t.next_step()) is not None or (plan := t.finish_step()) is not None:
             ours = await engine.step(StepRequest(plan.prompt, plan.audio, 16, "", reuse_windows=False))
-            theirs = await remote.step(StepRequest(plan.prompt, plan.audio, 16, "remote"))
-            assert theirs.prompt_token_ids == ours.prompt_token_ids, f"step {steps}: prompt tokens differ"
-            assert theirs.text == ours.text, f"step {steps}"
-            assert len(theirs.token_logprobs) == theirs.generated_tokens
+            for remote in (chat, windows):
+                theirs = await remote.step(StepRequest(plan.prompt, plan.audio, 16, "remote"))
+                assert theirs.prompt_token_ids == ours.prompt_token_ids, f"step {steps}: prompt tokens differ"
+                assert theirs.text == ours.text, f"step {steps}"
+                assert len(theirs.token_logprobs) == theirs.generated_tokens
+            by_window.append(theirs)
             t.apply(plan, theirs.text)
             steps += 1
             if plan.final:
                 break
-        assert steps > 10 and remote.stats.steps == steps  # every step of the stream matched
+        assert steps > 10 and chat.stats.steps == steps == windows.stats.steps  # every step matched
+        assert [r.audio_items for r in by_window][-1] == 4  # 30 s: four 8 s windows
+        sent = windows.window_stats
+        assert sent["items_by_reference"] > 0 and sent["resent_steps"] == 0
+        # completed windows came from the server's prefix cache: not all audio was encoded again
+        assert any(r.cached_tokens > 0 and r.encoded_seconds < r.audio_seconds for r in by_window)
     finally:
-        await remote.aclose()
+        await chat.aclose()
+        await windows.aclose()
+
+
+async def test_a_window_the_server_evicted_is_sent_again(server, speech16k):
+    """The server answers a window it no longer holds with a 500 (vLLM's cache-miss response): the
+    step is re-sent once with every window's data and answers as the chat path does."""
+    windows = await VLLMServerEngine.start(server, api_key=API_KEY)
+    chat = await VLLMServerEngine.start(server, api_key=API_KEY, reuse_windows=False)
+    try:
+        # audio no other test sent (the server holds windows by content, whoever sent them)
+        audio = np.tile(speech16k, 2)[: 12 * SR][::-1].astype(np.float32) / 32768 * 0.7
+        prompt = windows.base_prompt("")
+        w = windows._windows
+        await windows.step(StepRequest(prompt, audio[: 4 * SR], 8, "evicted"))  # the stream has its server
+        items = w.items("evicted", audio)
+        # claim the server holds this utterance's windows although they were never sent: a real miss
+        w.sent("evicted", server, w.build("evicted", server, prompt, items, 8, by_reference=False))
+        got = await windows.step(StepRequest(prompt, audio, 8, "evicted"))
+        want = await chat.step(StepRequest(prompt, audio, 8, "evicted"))
+        assert windows.window_stats["resent_steps"] == 1
+        assert (got.text, got.prompt_token_ids) == (want.text, want.prompt_token_ids)
+        assert windows.stats.failed_steps == 0
+    finally:
+        await windows.aclose()
+        await chat.aclose()
+
+
+def test_window_items_are_what_vllms_own_decoder_expects():
+    """mm_wire writes vLLM's msgpack item layout without torch: vLLM's decoder must read back the
+    items its processor builds from the in-process engine's feature dict."""
+    import torch
+    from transformers import BatchFeature
+    from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import (
+        decode_mm_kwargs_item,
+        encode_mm_kwargs_item,
+    )
+    from vllm.model_executor.models.qwen3_asr import _qwen3asr_field_config
+    from vllm.multimodal.inputs import MultiModalKwargsItems
+
+    from livekit_qwen_asr import mm_wire
+    from livekit_qwen_asr.features import WINDOW_FRAMES, FeatureItems
+
+    feats = torch.randn(128, 1700, generator=torch.Generator().manual_seed(0))
+    items = FeatureItems(feats, (800, 800, 100))
+    hf = BatchFeature(items.as_mm_data())
+    theirs = MultiModalKwargsItems.from_hf_inputs(hf, _qwen3asr_field_config(hf))["audio"]
+    ours = mm_wire.window_items(feats.numpy(), items.sizes, WINDOW_FRAMES)
+    assert len(ours) == len(theirs) == 3
+    for ref, wire in zip(theirs, ours, strict=True):
+        ref, got = decode_mm_kwargs_item(encode_mm_kwargs_item(ref)), decode_mm_kwargs_item(mm_wire.b64(wire))
+        assert set(got) == set(ref)
+        for key in ref:
+            assert got[key].data.dtype == ref[key].data.dtype and torch.equal(got[key].data, ref[key].data)
+            assert got[key].field == ref[key].field, key
 
 
 async def test_http_failures_map_to_retryable_and_refused_errors(server, engine):
@@ -196,6 +262,7 @@ async def test_two_client_processes_share_one_server(server, speech16k, tmp_path
         for p in procs:
             p.kill()
     a, b = results
+    assert a["reuses_windows"] and b["reuses_windows"]  # torch here: both send encoder windows
     assert [len(f) for r in results for f in r["finals"]] == [1, 1, 1, 1]  # one final per stream
     overlaps = sum(1 for s1, e1 in a["steps"] for s2, e2 in b["steps"] if s1 < e2 and s2 < e1)
     assert overlaps > 0, "no step of one process ran while a step of the other did"
@@ -308,3 +375,6 @@ def test_a_clean_venv_with_the_bare_wheel_streams_through_the_server(server, spe
     finals = json.loads(lines[-1])["finals"]
     assert [len(f) for f in finals] == [1, 1]
     assert json.loads(lines[-2]) == []  # what the client had imported of torch / vllm / transformers
+    # without torch no encoder windows: the chat path, and one log line saying why
+    assert json.loads(lines[-1])["reuses_windows"] is False
+    assert "window reuse over HTTP off, using the chat path: torch and transformers" in err
