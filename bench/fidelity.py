@@ -14,6 +14,14 @@ hypothesis of the utterance does not show the same word there — positional, so
 makes the words after it count too; ratio = unstable / words shown in interims), step latency
 p50/p95 and the real-time factor. Writes report.json.
 
+With `name.words.json` beside a file ([[word, start_s, end_s], ...], as training.heldout writes) it
+also reports latency on a simulated real-time clock: a step starts when its chunk's audio has arrived
+and the previous step is done, and takes its measured time, so each hypothesis has the moment a live
+stream would show it. Per reference word: from the word's end to the first hypothesis that has it
+right (aligned with difflib against the reference words; words never right are counted apart); per
+utterance: from the end of speech to the final, with the input ending at the end of the file (the
+plugin's endpointing adds its silence threshold to that).
+
 The fixed cut every --max-utterance seconds can split a word, which the plugin avoids (it cuts at
 the quietest point, and real speech has pauses its VAD ends utterances at): on recordings longer
 than that, part of the gap comes from the cut. Offline needs the file in one request: up to about
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import json
 import math
 import os
@@ -75,6 +84,25 @@ class FileResult:
     shown: int = 0
     streaming_wall_s: float = 0.0
     offline_wall_s: float = 0.0
+    words: list[tuple[str, float, float]] | None = None  # reference words with start/end seconds
+    word_latencies: list[float] = field(default_factory=list)  # word end -> first right, seconds
+    never_right: int = 0  # timed reference words no hypothesis had right
+    final_latency_s: float | None = None  # end of speech -> the last final, seconds
+
+
+def first_right_times(ref_words: list[str], timeline: list[tuple[float, str]]) -> list[float | None]:
+    """For each reference word, the first time a hypothesis (time, text) has it right: aligned with
+    difflib's matching blocks of the normalised words, so a word inserted or dropped earlier does not
+    make every later word wrong."""
+    ref = [normalize(w) for w in ref_words]
+    first: list[float | None] = [None] * len(ref)
+    for t, text in timeline:
+        sm = difflib.SequenceMatcher(a=ref, b=normalize(text).split(), autojunk=False)
+        for block in sm.get_matching_blocks():
+            for i in range(block.a, block.a + block.size):
+                if first[i] is None:
+                    first[i] = t
+    return first
 
 
 def load_audio(path: Path) -> np.ndarray:
@@ -91,20 +119,29 @@ async def transcribe_streaming(
     finals: list[str] = []
     cut = int(max_utterance_s * SAMPLE_RATE)
     started = time.perf_counter()
+    clock = 0.0  # simulated real time (s) at which the engine is free again
+    timeline: list[tuple[float, str]] = []  # (when a live stream shows it, finals so far + hypothesis)
     for start in range(0, audio.shape[0], cut):
-        t.push_audio(audio[start : start + cut])
+        segment = audio[start : start + cut]
+        t.push_audio(segment)
         hyps: list[str] = []  # every hypothesis the utterance showed, the final last
         ended = False
+        done_before = " ".join(f.strip() for f in finals if f.strip())
         while (plan := t.next_step()) is not None or (plan := t.finish_step()) is not None:
             r = await engine.step(StepRequest(plan.prompt, plan.audio, step_token_budget(plan, 64), name))
             hyps.append(t.apply(plan, r.text).text)
             res.step_latencies.append(r.wall_s)
+            # a chunk's step can start once its audio has arrived (the final's once the input ended)
+            arrived = (start + (segment.shape[0] if plan.final else plan.audio.shape[0])) / SAMPLE_RATE
+            clock = max(clock, arrived) + r.wall_s
+            timeline.append((clock, f"{done_before} {hyps[-1]}"))
             if plan.final:
                 ended = True
                 break
         final = t.finalize().text
         if not ended:
             hyps.append(final)
+            timeline.append((clock, f"{done_before} {final}"))
         u, s = unstable_words(hyps)
         res.unstable += u
         res.shown += s
@@ -113,6 +150,14 @@ async def transcribe_streaming(
         engine.release_stream(name)
     res.streaming = " ".join(f.strip() for f in finals if f.strip())
     res.streaming_wall_s = time.perf_counter() - started
+    if res.words:
+        firsts = first_right_times([w for w, _, _ in res.words], timeline)
+        for (_, _, end), when in zip(res.words, firsts, strict=True):
+            if when is None:
+                res.never_right += 1
+            else:
+                res.word_latencies.append(when - end)
+        res.final_latency_s = timeline[-1][0] - res.words[-1][2]
 
 
 async def transcribe_offline(engine: ASREngine, audio: np.ndarray, res: FileResult) -> None:
@@ -138,13 +183,16 @@ def wer(refs: list[str], hyps: list[str]) -> float:
     return float(jiwer.wer([p[0] for p in pairs], [p[1] or "<empty>" for p in pairs]))
 
 
-def dataset(folder: Path) -> list[tuple[Path, str]]:
+def dataset(folder: Path) -> list[tuple[Path, str, list | None]]:
+    """(wav, reference text, timed words or None) per recording."""
     items = []
     for wav in sorted(folder.glob("*.wav")):
         txt = wav.with_suffix(".txt")
         if not txt.is_file():
             raise FileNotFoundError(f"{wav.name}: no reference {txt.name}")
-        items.append((wav, txt.read_text(encoding="utf-8").strip()))
+        timed = wav.with_suffix(".words.json")
+        words = [tuple(w) for w in json.loads(timed.read_text())] if timed.is_file() else None
+        items.append((wav, txt.read_text(encoding="utf-8").strip(), words))
     if not items:
         raise FileNotFoundError(f"no .wav files in {folder}")
     return items
@@ -152,9 +200,9 @@ def dataset(folder: Path) -> list[tuple[Path, str]]:
 
 async def evaluate(engine: ASREngine, folder: Path, max_utterance_s: float = 30.0) -> dict:
     results = []
-    for i, (wav, ref) in enumerate(dataset(folder)):
+    for i, (wav, ref, words) in enumerate(dataset(folder)):
         audio = load_audio(wav)
-        res = FileResult(wav.stem, audio.shape[0] / SAMPLE_RATE, ref)
+        res = FileResult(wav.stem, audio.shape[0] / SAMPLE_RATE, ref, words=words)
         await transcribe_streaming(engine, audio, res, max_utterance_s, f"fidelity-{i}")
         await transcribe_offline(engine, audio, res)
         results.append(res)
@@ -164,6 +212,9 @@ async def evaluate(engine: ASREngine, folder: Path, max_utterance_s: float = 30.
     lat = [x for r in results for x in r.step_latencies]
     audio_s = sum(r.audio_s for r in results)
     shown = sum(r.shown for r in results)
+    word_lat = [x for r in results for x in r.word_latencies]
+    timed = len(word_lat) + sum(r.never_right for r in results)
+    final_lat = [r.final_latency_s for r in results if r.final_latency_s is not None]
     return {
         "model": engine.model_name,
         "synthetic": engine.is_synthetic,
@@ -175,6 +226,12 @@ async def evaluate(engine: ASREngine, folder: Path, max_utterance_s: float = 30.
         "unstable_partial_word_ratio": (sum(r.unstable for r in results) / shown) if shown else 0.0,
         "step_latency_p50_s": float(np.percentile(lat, 50)) if lat else None,
         "step_latency_p95_s": float(np.percentile(lat, 95)) if lat else None,
+        "timed_words": timed,
+        "word_first_right_p50_s": float(np.percentile(word_lat, 50)) if word_lat else None,
+        "word_first_right_p95_s": float(np.percentile(word_lat, 95)) if word_lat else None,
+        "words_never_right_ratio": (timed - len(word_lat)) / timed if timed else None,
+        "speech_end_to_final_p50_s": float(np.percentile(final_lat, 50)) if final_lat else None,
+        "speech_end_to_final_p95_s": float(np.percentile(final_lat, 95)) if final_lat else None,
         "streaming_rtf": sum(r.streaming_wall_s for r in results) / audio_s,
         "offline_rtf": sum(r.offline_wall_s for r in results) / audio_s,
         "per_file": [r.__dict__ for r in results],

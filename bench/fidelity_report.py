@@ -29,6 +29,39 @@ METHOD = (
     "interim's word is unstable when the next hypothesis of its utterance shows a different word, or "
     "none, at its position."
 )
+LATENCY = (
+    "Latency on a simulated real-time clock (bench/fidelity.py: a step starts when its 2 s chunk has "
+    "arrived and the previous step is done, and takes its measured time on this machine's CPU with "
+    "the CPU vLLM engine): from a word's end (where espeak-ng placed the next word's start) to the "
+    "first hypothesis that has it right, aligned against the reference; and from the end of speech "
+    "to the final, with the input ending at the end of the recording (0-0.4 s of silence after the "
+    "speech; the plugin's endpointing adds its own silence threshold)."
+)
+PLOT = "fidelity-latency.png"
+
+
+def plot(reports: dict[str, dict], path: Path) -> None:
+    """Cumulative share of reference words right within x seconds of their end, per set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, r in reports.items():
+        lat = np.sort([x for f in r["per_file"] for x in f.get("word_latencies", [])])
+        if r.get("timed_words"):
+            ax.step(lat, np.arange(1, len(lat) + 1) / r["timed_words"], where="post", label=name)
+    ax.set_xlabel("seconds from a word's end to its first right appearance")
+    ax.set_ylabel("share of reference words")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Streaming word latency, test model (words never right stay below the curve)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def render(folders: list[Path], info: dict | None = None) -> str:
@@ -38,11 +71,22 @@ def render(folders: list[Path], info: dict | None = None) -> str:
         "| step p50 / p95 (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    lat_rows = [
+        "| set | timed words | word end -> first right, p50 / p95 (s) | never right "
+        "| end of speech -> final, p50 / p95 (s) |",
+        "|---|---|---|---|---|",
+    ]
     notes = []
+    reports = {}
     for folder in folders:
         name = folder.name.removeprefix("fidelity-")
-        r = json.loads((folder / "report.json").read_text())
+        r = reports[name] = json.loads((folder / "report.json").read_text())
         shutil.copy(folder / "report.json", DATA / f"{name}.json")
+        if r.get("timed_words"):
+            lat_rows.append(
+                f"| `{name}` | {r['timed_words']} | {_pair(r, 'word_first_right')} "
+                f"| {r['words_never_right_ratio']:.1%} | {_pair(r, 'speech_end_to_final')} |"
+            )
         rows.append(
             f"| `{name}` ({SETS.get(name, '')}) | {r['files']} | {r['audio_s']:.0f} | {r['wer_offline']:.1%} "
             f"| {r['wer_streaming']:.1%} | {r['wer_gap']:+.1%} | {r['unstable_partial_word_ratio']:.1%} "
@@ -61,6 +105,10 @@ def render(folders: list[Path], info: dict | None = None) -> str:
             f'  Example ({example["name"]}): reference "{example["reference"]}"; streaming '
             f'"{example["streaming"]}"; offline "{example["offline"]}".'
         )
+    latency: list[str] = []
+    if len(lat_rows) > 2:
+        plot(reports, DOC.parent / PLOT)
+        latency = [LATENCY, "", *lat_rows, "", f"![word latency per set]({PLOT})", ""]
     model = ""
     if info:
         trained = info.get("trained", {})
@@ -81,6 +129,7 @@ def render(folders: list[Path], info: dict | None = None) -> str:
             "",
             *rows,
             "",
+            *latency,
             "Targets of issue #12 (offline WER <= 5 % seen voices, <= 10 % unseen variants; streaming gap",
             "<= +0.3 points):",
             "",
@@ -88,6 +137,11 @@ def render(folders: list[Path], info: dict | None = None) -> str:
             "",
         ]
     )
+
+
+def _pair(r: dict, key: str) -> str:
+    a, b = r.get(f"{key}_p50_s"), r.get(f"{key}_p95_s")
+    return "-" if a is None else f"{a:.2f} / {b:.2f}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,6 +69,14 @@ def test_unstable_partial_words():
     assert fidelity.normalize("Hello, World!  It's") == "hello world it's"
 
 
+def test_first_right_times_align_words_instead_of_positions():
+    timeline = [(1.0, "The cat"), (2.0, "the cap sat"), (3.0, "uh the cap, sat down.")]
+    # "uh" inserted at 3.0 does not make the later words wrong; "dog" is never right
+    assert fidelity.first_right_times(["the", "cap", "sat", "down", "dog"], timeline) == [
+        1.0, 2.0, 2.0, 3.0, None,
+    ]  # fmt: skip
+
+
 async def test_fidelity_harness_runs_end_to_end(engine, tmp_path):
     texts = {
         "fox": "The quick brown fox jumps over the lazy dog.",
@@ -96,6 +104,10 @@ async def test_fidelity_harness_runs_end_to_end(engine, tmp_path):
         )
         raw.unlink()
         (tmp_path / f"{name}.txt").write_text(text)
+    # word timings for one file (even spacing: enough to run the latency figures)
+    fox = texts["fox"].split()
+    timed = [[w, 0.2 * i, 0.2 * i + 0.2] for i, w in enumerate(fox)]
+    (tmp_path / "fox.words.json").write_text(json.dumps(timed))
     report = await fidelity.evaluate(engine, tmp_path)
     assert report["synthetic"] is True and report["files"] == 2
     per_file = {r["name"]: r for r in report["per_file"]}
@@ -107,5 +119,9 @@ async def test_fidelity_harness_runs_end_to_end(engine, tmp_path):
     assert report["wer_streaming"] >= 0 and report["wer_offline"] >= 0
     assert report["wer_gap"] == pytest.approx(report["wer_streaming"] - report["wer_offline"])
     assert 0.0 <= report["unstable_partial_word_ratio"] <= 1.0
+    assert report["timed_words"] == len(fox) and per_file["meeting"]["words"] is None
+    # the final comes after the end of speech (1.8 s here) on the simulated clock
+    assert per_file["fox"]["final_latency_s"] > 0
+    assert 0.0 <= report["words_never_right_ratio"] <= 1.0
     with pytest.raises(FileNotFoundError):
         fidelity.dataset(tmp_path / "missing")

@@ -140,6 +140,13 @@ def _augment(rng: random.Random, audio: np.ndarray, noise: bool, ac: Acoustics) 
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
 
+def word_times(u: Utterance, offset: int) -> list[tuple[int, int]]:
+    """(start, end) sample of each word of `u` placed at `offset`: a word ends where the next starts
+    (the last one at the end of speech), as espeak-ng reports them."""
+    ends = list(u.word_starts[1:]) + [u.speech_end]
+    return [(offset + a, offset + max(a, b)) for a, b in zip(u.word_starts, ends, strict=True)]
+
+
 class Generator:
     def __init__(self) -> None:
         self.espeak = Espeak()
@@ -171,17 +178,18 @@ class Generator:
         noise_p: float,
         ac: Acoustics = FULL,
     ) -> dict:
-        """One example: audio, target text, kind, voice."""
+        """One example: audio, target text, kind, voice, and each word's (start, end) sample."""
         r = rng.random()
         lead = np.zeros(int(rng.uniform(0.0, 0.4) * SAMPLE_RATE), np.float32)
         if r < 0.08:  # long: several sentences with pauses (the costliest examples to train on)
-            parts, words, voices = [lead], [], []
+            parts, words, voices, times = [lead], [], [], []
             n = 0
             for _ in range(rng.randint(2, 6)):
                 u = self._say(rng, variants, held_out, ac)
                 seg = u.audio[: u.speech_end]
                 if n + len(seg) > (MAX_SECONDS - 1.0) * SAMPLE_RATE:
                     break
+                times += word_times(u, sum(len(p) for p in parts))
                 parts.append(seg)
                 parts.append(np.zeros(int(rng.uniform(0.1, 0.8) * SAMPLE_RATE), np.float32))
                 n = sum(len(p) for p in parts)
@@ -199,11 +207,13 @@ class Generator:
                 k = words_heard(u, cut)
                 audio = np.concatenate([lead, u.audio[:cut]])
                 kind, text = "cut", " ".join(u.words[:k])
+                times = [(a, min(b, len(audio))) for a, b in word_times(u, len(lead))[:k]]
             else:
                 audio = np.concatenate([lead, u.audio[: u.speech_end], tail])
                 kind = "whole"
+                times = word_times(u, len(lead))
         audio = _augment(rng, audio, noise=rng.random() < noise_p, ac=ac)
-        return {"audio": audio, "text": text, "kind": kind, "voice": voice}
+        return {"audio": audio, "text": text, "kind": kind, "voice": voice, "times": times}
 
     def features(self, audio: np.ndarray) -> torch.Tensor:
         # what Qwen3ASRProcessor does: pad to the longest (here: itself), no truncation
@@ -235,12 +245,13 @@ def write_shard(
     rng = random.Random(seed_base + index)
     ac = EASY if split == "train_easy" else FULL
     noise_p = 1.0 if split == "test_noise" else (0.0 if split.startswith("test") else ac.noise_p)
-    out: dict[str, list] = {"text": [], "kind": [], "voice": [], "feats": [], "audio": []}
+    out: dict[str, list] = {"text": [], "kind": [], "voice": [], "feats": [], "audio": [], "times": []}
     for _ in range(size):
         ex = gen.example(rng, variants, held_out=split.startswith("test"), noise_p=noise_p, ac=ac)
         out["text"].append(ex["text"])
         out["kind"].append(ex["kind"])
         out["voice"].append(ex["voice"])
+        out["times"].append(ex["times"])  # word (start, end) samples: the fidelity latency figures
         out["feats"].append(gen.features(ex["audio"]))
         if keep_audio:
             out["audio"].append(torch.from_numpy(ex["audio"]))

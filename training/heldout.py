@@ -1,4 +1,5 @@
-"""Write the held-out sets as folders of `name.wav` + `name.txt`, the input of bench/fidelity.py.
+"""Write the held-out sets as folders of `name.wav` + `name.txt` (+ `name.words.json`: each word with
+its start and end second, as espeak-ng placed it), the input of bench/fidelity.py.
 
     .venv-official/bin/python -m training.heldout [--n 40] [--out results/heldout]
 
@@ -11,6 +12,7 @@ which an offline transcription may still write.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import wave
 from pathlib import Path
@@ -27,7 +29,10 @@ def write_set(split: str, out: Path, n: int) -> int:
     data = torch.load(corpus.shard_path(split, 0))
     out.mkdir(parents=True, exist_ok=True)
     written = 0
-    for i, (text, kind, audio) in enumerate(zip(data["text"], data["kind"], data["audio"], strict=True)):
+    if "times" not in data:
+        raise SystemExit(f"{corpus.shard_path(split, 0)} has no word times: delete it, run training.corpus")
+    rows = zip(data["text"], data["kind"], data["audio"], data["times"], strict=True)
+    for i, (text, kind, audio, times) in enumerate(rows):
         if kind not in ("whole", "long") or not text or written >= n:
             continue
         pcm = np.round(np.clip(audio.numpy(), -1, 1) * 32767).astype("<i2")
@@ -37,6 +42,9 @@ def write_set(split: str, out: Path, n: int) -> int:
             w.setframerate(corpus.SAMPLE_RATE)
             w.writeframes(pcm.tobytes())
         (out / f"{split}-{i:04d}.txt").write_text(text + "\n")
+        sr = corpus.SAMPLE_RATE
+        words = [[w, a / sr, b / sr] for w, (a, b) in zip(text.split(), times, strict=True)]
+        (out / f"{split}-{i:04d}.words.json").write_text(json.dumps(words) + "\n")
         written += 1
     return written
 
