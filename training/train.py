@@ -42,9 +42,14 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
+def split_files(split: str) -> list[Path]:
+    """Shards of one split, or of several joined by "+" (a curriculum mix: "train_easy+train")."""
+    return [p for s in split.split("+") for p in corpus.shard_files(s)]
+
+
 def load_shards(split: str, limit: int | None = None) -> tuple[list[str], list[str], list[torch.Tensor]]:
     texts, kinds, feats = [], [], []
-    for p in corpus.shard_files(split)[:limit]:
+    for p in split_files(split)[:limit]:
         d = torch.load(p)
         texts += d["text"]
         kinds += d["kind"]
@@ -206,7 +211,7 @@ class Trainer:
         if not texts:
             raise SystemExit(f"no training shards in {corpus.DATA_DIR}: run python -m training.corpus first")
         n_loaded = len(texts)
-        n_shards = len(corpus.shard_files(a.train_split))
+        n_shards = len(split_files(a.train_split))
         eval_sets = {
             s: tuple(x[: a.eval_n] for x in load_shards(s, 1)) for s in ("test", "test_unseen", "test_noise")
         }
@@ -223,9 +228,9 @@ class Trainer:
         acc: dict[str, float] = {"ce": 0.0, "ctc": 0.0, "n": 0, "ex": 0}
         self.model.train()
         while not stop["flag"] and time.time() < t_end:
-            if self.step % 500 == 0 and len(corpus.shard_files(a.train_split)) > n_shards:
+            if self.step % 500 == 0 and len(split_files(a.train_split)) > n_shards:
                 texts, kinds, feats = load_shards(a.train_split)  # shards written since the start
-                n_shards = len(corpus.shard_files(a.train_split))
+                n_shards = len(split_files(a.train_split))
                 n_loaded = len(texts)
                 lens = [f.shape[1] for f in feats]
                 it = batches(lens, a.max_frames, rng, a.batch_size)
@@ -298,7 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--save-every", type=float, default=5, help="minutes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-split", default="train_easy", choices=["train", "train_easy"])
+    ap.add_argument(
+        "--train-split",
+        default="train_easy",
+        choices=["train", "train_easy", "train_easy+train"],
+        help="acoustic range: easy, full, or both mixed (training/README.md: the curriculum)",
+    )
     ap.add_argument(
         "--arch", default="{}", help="JSON overrides of training.model.DEFAULT_ARCH (new state only)"
     )
