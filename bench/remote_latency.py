@@ -164,11 +164,13 @@ def table(results: dict) -> str:
 
 
 BEGIN, END = "<!-- remote-bench:begin -->", "<!-- remote-bench:end -->"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "deployment.md"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+# every doc with the markers gets the block (the template too, so bench/report keeps it)
+DOC_FILES = ("deployment.md", "performance.md", "performance.template.md")
 
 
-def render(results: dict, doc: Path = DOC, source: str = "") -> None:
-    """Put this run's table and ratios between the markers in docs/deployment.md."""
+def render(results: dict, docs: Path = DOCS, source: str = "") -> None:
+    """Put this run's table and ratios between the markers in docs/deployment.md and performance.md."""
     ratios = " ".join(
         f"{mode}: "
         + "; ".join(
@@ -198,9 +200,12 @@ def render(results: dict, doc: Path = DOC, source: str = "") -> None:
             END,
         ]
     )
-    text = doc.read_text()
-    a, b = text.index(BEGIN), text.index(END) + len(END)
-    doc.write_text(text[:a] + block + text[b:])
+    for name in DOC_FILES:
+        doc = docs / name
+        text = doc.read_text()
+        if BEGIN in text:
+            a, b = text.index(BEGIN), text.index(END) + len(END)
+            doc.write_text(text[:a] + block + text[b:])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--render", action="store_true", help="also update docs/deployment.md")
+    ap.add_argument("--render-only", type=Path, help="re-render the docs from this results.json, run nothing")
     args = ap.parse_args(argv)
+    if args.render_only:
+        kept = args.render_only
+        render(json.loads(kept.read_text()), source=f"; results in `docs/perf/{kept.name}`")
+        return
     args.out = args.out or Path("results") / f"remote-{args.preset}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = asyncio.run(amain(args))
@@ -222,10 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results["remote_over_in_process"]))
     print("wrote", args.out / "results.json")
     if args.render:
-        kept = DOC.parent / "perf" / f"remote-{args.preset}.json"  # the committed copy the doc cites
+        kept = DOCS / "perf" / f"remote-{args.preset}.json"  # the committed copy the docs cite
         kept.write_text(json.dumps(results, indent=1))
         render(results, source=f"; results in `docs/perf/{kept.name}`")
-        print("rendered", DOC)
+        print("rendered", ", ".join(DOC_FILES))
 
 
 if __name__ == "__main__":
