@@ -5,7 +5,7 @@ items as base64 msgpack `MultiModalKwargsItem`s: vLLM's `MsgpackEncoder` layout 
 a map of field name -> {"data": [dtype, shape, Ext(3, raw bytes)], "field": [factory, kwargs]}),
 with the field configs of vLLM's Qwen3-ASR (`qwen3_asr._qwen3asr_field_config`). This module writes
 that layout with a tiny msgpack encoder, so a client without torch or vLLM can send features.
-tests/test_remote_windows.py decodes what it writes with vLLM's own decoder. The layout is vLLM's
+tests/test_remote_engine.py decodes what it writes with vLLM's own decoder. The layout is vLLM's
 internal format: a release that changes it fails the engine's start-up probe, which then falls back
 to the chat path.
 """
@@ -75,12 +75,16 @@ def _pack(o: Any, out: bytearray) -> None:
 
 def _tensor(a: np.ndarray) -> list:
     dtype = {np.dtype("float32"): "float32", np.dtype("int64"): "int64"}[a.dtype]
-    return [dtype, list(a.shape), _Ext(_RAW_VIEW, a.tobytes())]  # tobytes: C order, 0-d kept
+    # little-endian (what vLLM's x86/ARM servers read), C order, 0-d arrays kept 0-d
+    return [dtype, list(a.shape), _Ext(_RAW_VIEW, a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())]
 
 
-def window_items(features: np.ndarray, sizes: tuple[int, ...], window_frames: int) -> list[bytes]:
+def window_items(
+    features: np.ndarray, sizes: tuple[int, ...], window_frames: int, skip: frozenset[int] = frozenset()
+) -> list[bytes | None]:
     """msgpack `MultiModalKwargsItem` of each window of `features` ([n_mels, frames] float32, the
-    whole utterance), as vLLM's processor builds them from the in-process engine's feature dict."""
+    whole utterance), as vLLM's processor builds them from the in-process engine's feature dict;
+    None for the windows in `skip` (sent by hash)."""
     feats = np.asarray(features, dtype=np.float32)
     starts = np.cumsum((0,) + sizes)
     if starts[-1] != feats.shape[1]:
@@ -90,6 +94,9 @@ def window_items(features: np.ndarray, sizes: tuple[int, ...], window_frames: in
     batched = ["batched", {"keep_on_cpu": True}]
     items = []
     for i, size in enumerate(sizes):
+        if i in skip:
+            items.append(None)
+            continue
         mask = np.zeros(window_frames, np.int64)
         mask[:size] = 1
         items.append(

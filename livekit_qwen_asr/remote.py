@@ -41,7 +41,7 @@ from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
 from .streaming import TokenCodec
 
 if TYPE_CHECKING:
-    from .remote_windows import WindowRequests
+    from .remote_windows import GenerateStep, WindowRequests
 
 logger = logging.getLogger("livekit.plugins.qwen_asr")
 
@@ -52,6 +52,7 @@ _USER_TURN = f"<|im_end|>\n<|im_start|>user\n{AUDIO_PLACEHOLDER}<|im_end|>\n<|im
 _PROBE = "<|im_start|>system\nlanguage English<asr_text>Hello, world! 你好 ...\n<|im_end|>"
 GENERATE = "/inference/v1/generate"
 N_FFT = 400  # features.N_FFT (features.py imports nothing heavy, but this module stays minimal)
+MAX_MISSES = 3  # windows sent by hash missed this often in a row: stop sending by hash to that server
 
 
 class ServerError(EngineUnavailableError):
@@ -122,6 +123,7 @@ class _Server:
     streams: int = 0  # streams pinned to it now
     steps: int = 0  # steps it answered
     windows: bool = False  # steps go to /inference/v1/generate with encoder windows (probed at start)
+    misses: int = 0  # steps in a row whose windows sent by hash the server did not hold
 
 
 class VLLMServerEngine:
@@ -249,33 +251,36 @@ class VLLMServerEngine:
         rng = np.random.default_rng(0)
         audio = (rng.standard_normal(10 * SAMPLE_RATE) * 0.05).astype(np.float32)
         prompt, sid = self.base_prompt(""), "window-probe"
+        post = self._session, self._timeout
+
+        def ids(answer: dict) -> tuple[list[int], list[int]]:
+            pair = (answer.get("prompt_token_ids") or [], answer["choices"][0].get("token_ids") or [])
+            if not all(pair):
+                raise KeyError("no prompt or output token ids in the answer")
+            return pair
+
+        stage = "the chat path"
         try:
-            chat = await _post_json(
-                self._session,
-                f"{server.url}/v1/chat/completions",
-                self._chat_body(StepRequest(prompt, audio, 4, sid)),
-                self._timeout,
-            )
+            body = self._chat_body(StepRequest(prompt, audio, 4, sid))
+            want = ids(await _post_json(post[0], f"{server.url}/v1/chat/completions", body, post[1]))
             items = await asyncio.to_thread(windows.items, sid, audio)
-            answers = []
-            for by_reference in (False, True):
+            for stage, by_reference in (("windows with data", False), ("a window by hash", True)):
                 step = windows.build(sid, server.url, prompt, items, 4, by_reference)
-                answers.append(
-                    await _post_json(self._session, server.url + GENERATE, step.body, self._timeout)
-                )
+                got = ids(await _post_json(post[0], server.url + GENERATE, step.body, post[1]))
                 windows.sent(sid, server.url, step)
+                if got != want:
+                    return f"{stage} answered differently from raw audio (client and server features differ)"
         except RequestRejectedError as e:
             if e.status_code in (403, 404):
                 return f"the server has no {GENERATE} (start it with --enable-scale-out --enable-mm-embeds)"
-            return f"the server refused feature items ({e})"
-        except EngineUnavailableError as e:  # a 500 for the window sent by hash: no multimodal cache
-            return f"the server failed feature items (is its multimodal cache off?): {e}"
+            return f"the server refused {stage} ({e})"
+        except EngineUnavailableError as e:
+            hint = " (is its multimodal cache off?)" if stage == "a window by hash" else ""
+            return f"the server failed {stage}{hint}: {e}"
+        except (TimeoutError, KeyError, IndexError, TypeError) as e:
+            return f"the probe of {stage} failed: {e!r}"
         finally:
             windows.forget(sid)
-        want = (chat.get("prompt_token_ids"), chat["choices"][0].get("token_ids"))
-        for answer in answers:
-            if (answer.get("prompt_token_ids"), answer["choices"][0].get("token_ids")) != want:
-                return "feature items answered differently from raw audio (client and server features differ)"
         return None
 
     # -- protocol --------------------------------------------------------------------------------
@@ -320,11 +325,15 @@ class VLLMServerEngine:
         return dict(vars(w.stats)) if w is not None else {}
 
     def release_stream(self, stream_id: str) -> None:
+        self._unpin(stream_id)
+        if self._windows is not None and stream_id:
+            self._windows.forget(stream_id)
+
+    def _unpin(self, stream_id: str) -> None:
+        """The stream has no server now (its features stay: they do not depend on the server)."""
         server = self._pinned.pop(stream_id, None)
         if server is not None:
             server.streams -= 1
-        if self._windows is not None and stream_id:
-            self._windows.forget(stream_id)
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -338,7 +347,7 @@ class VLLMServerEngine:
         now = time.monotonic()
         if server is not None and server.down_until <= now:
             return server
-        self.release_stream(stream_id)
+        self._unpin(stream_id)
         healthy = [s for s in self._servers if s.down_until <= now]
         server = (
             min(healthy, key=lambda s: s.streams)
@@ -362,9 +371,22 @@ class VLLMServerEngine:
         st.max_in_flight = max(st.max_in_flight, st.in_flight)
         started = time.monotonic()
         try:
-            if self._windows is not None and server.windows and audio.shape[0] >= N_FFT:
-                result = await self._generate_step(server, request, audio, started)
-            else:
+            result = None
+            if (
+                self._windows is not None
+                and server.windows
+                and request.reuse_windows
+                and audio.shape[0] >= N_FFT
+            ):
+                try:
+                    result = await self._generate_step(server, request, audio, started)
+                except RequestRejectedError as e:
+                    if e.status_code not in (403, 404):
+                        raise
+                    # restarted without --enable-scale-out: this server stays on the chat path
+                    server.windows = False
+                    logger.warning("window reuse over HTTP off for %s, chat path from now: %s", server.url, e)
+            if result is None:
                 out = await _post_json(
                     self._session,
                     f"{server.url}/v1/chat/completions",
@@ -376,7 +398,7 @@ class VLLMServerEngine:
             st.failed_steps += 1
             if e.retryable:  # the server is down or failing: its streams move at their next step
                 server.down_until = time.monotonic() + self._cooldown
-                self.release_stream(request.stream_id)
+                self._unpin(request.stream_id)
             raise
         finally:
             st.in_flight -= 1
@@ -411,18 +433,38 @@ class VLLMServerEngine:
         windows = self._windows
         assert windows is not None
         sid, url = request.stream_id, server.url
-        items = await asyncio.to_thread(windows.items, sid, audio)  # a long first step: a full STFT
         max_tokens = max(1, int(request.max_tokens))
-        step = windows.build(sid, url, request.prompt, items, max_tokens, by_reference=True)
+        by_reference = server.misses < MAX_MISSES
+
+        def build(by_reference: bool) -> tuple[GenerateStep, bytes]:  # CPU work: off the event loop
+            step = windows.build(
+                sid, url, request.prompt, windows.items(sid, audio), max_tokens, by_reference
+            )
+            return step, json.dumps(step.body).encode()
+
+        step, body = await asyncio.to_thread(build, by_reference)
         try:
-            out = await _post_json(self._session, url + GENERATE, step.body, self._timeout)
+            out = await _post_json(self._session, url + GENERATE, body, self._timeout)
         except ServerError as e:
-            if not step.by_reference or e.status_code != 500:
+            if e.status_code != 500:
                 raise
-            # vLLM answers a window it evicted from its cache with a 500: send them all once more
+            # vLLM answers a window missing from its cache (evicted, or its front-end and engine caches
+            # drifted) with a 500: send the step once more with every window's data
             windows.stats.resent_steps += 1
-            step = windows.build(sid, url, request.prompt, items, max_tokens, by_reference=False)
-            out = await _post_json(self._session, url + GENERATE, step.body, self._timeout)
+            if step.by_reference:
+                server.misses += 1
+                if server.misses == MAX_MISSES:
+                    logger.warning(
+                        "%s missed %d windows sent by hash in a row (a load balancer spreading one stream "
+                        "over replicas?): sending every window's data from now on",
+                        url,
+                        MAX_MISSES,
+                    )
+            step, body = await asyncio.to_thread(build, False)
+            out = await _post_json(self._session, url + GENERATE, body, self._timeout)
+        else:
+            if step.by_reference:
+                server.misses = 0
         windows.sent(sid, url, step)
         try:
             choice = out["choices"][0]
@@ -523,18 +565,25 @@ async def _get_json(session: Any, url: str, timeout: float) -> dict:
     return await _request(session, "GET", url, None, timeout)
 
 
-async def _post_json(session: Any, url: str, body: dict, timeout: float) -> dict:
+async def _post_json(session: Any, url: str, body: dict | bytes, timeout: float) -> dict:
     return await _request(session, "POST", url, body, timeout)
 
 
-async def _request(session: Any, method: str, url: str, body: dict | None, timeout: float) -> dict:
-    """One HTTP exchange. Connection failures and 5xx: retryable; 4xx: the request itself is refused.
-    A timeout propagates as TimeoutError (the plugin reports it as LiveKit's APITimeoutError)."""
+async def _request(session: Any, method: str, url: str, body: dict | bytes | None, timeout: float) -> dict:
+    """One HTTP exchange (`body`: a JSON object, or one already serialised). Connection failures and
+    5xx: retryable; 4xx: the request itself is refused. A timeout propagates as TimeoutError (the
+    plugin reports it as LiveKit's APITimeoutError)."""
     import aiohttp
 
+    raw = isinstance(body, bytes)
     try:
         async with session.request(
-            method, url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            method,
+            url,
+            json=None if raw else body,
+            data=body if raw else None,
+            headers={"Content-Type": "application/json"} if raw else None,
+            timeout=aiohttp.ClientTimeout(total=timeout),
         ) as resp:
             payload = await resp.text()
             if resp.status >= 500:

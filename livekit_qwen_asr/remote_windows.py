@@ -75,7 +75,8 @@ class _Held:
 
 class WindowRequests:
     """Builds one engine's `/inference/v1/generate` bodies and remembers, per stream, which windows
-    its server holds. Not thread-safe: the engine calls it from its event loop (features off-loop)."""
+    its server holds. A stream's steps are serialised by the plugin; `items` and `build` may run in a
+    worker thread, `sent` and `forget` run on the event loop."""
 
     def __init__(self, features: FeatureCache, codec: TokenCodec, model: str) -> None:
         self._features = features
@@ -104,8 +105,9 @@ class WindowRequests:
         hashes = [mm_wire.item_hash(feats[:, a:b]) for a, b in pairwise(starts)]
         held = self._held.get(stream_id)
         known = held.hashes if by_reference and held is not None and held.server == server else set()
-        wire = mm_wire.window_items(feats, sizes, WINDOW_FRAMES)
-        data = [None if h in known else mm_wire.b64(w) for h, w in zip(hashes, wire, strict=True)]
+        skip = frozenset(i for i, h in enumerate(hashes) if h in known)
+        wire = mm_wire.window_items(feats, sizes, WINDOW_FRAMES, skip)
+        data = [None if w is None else mm_wire.b64(w) for w in wire]
         ids = self._codec.encode(prompt)
         try:
             pad_at = ids.index(self._pad)

@@ -416,7 +416,10 @@ class STT(stt.STT):
             # one pass over a long buffer can outlast a streaming step's timeout: allow 1 s per audio second
             timeout = max(conn_options.timeout, plan.audio_seconds)
             # a single pass has nothing to reuse: one raw item, no per-stream feature cache
-            result = await _run_step(engine, plan, opts, request_id, timeout, reuse_windows=False)
+            try:
+                result = await _run_step(engine, plan, opts, request_id, timeout, reuse_windows=False)
+            finally:
+                engine.release_stream(request_id)  # a remote engine pinned a server to it
             t.apply(plan, result.text)
             confidence = step_confidence(result)
         else:

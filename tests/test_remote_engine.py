@@ -91,13 +91,14 @@ async def test_every_step_of_a_30_s_stream_equals_the_in_process_engine(server, 
         steps, by_window = 0, []
         while (plan := t.next_step()) is not None or (plan := t.finish_step()) is not None:
             ours = await engine.step(StepRequest(plan.prompt, plan.audio, 16, "", reuse_windows=False))
+            theirs = {}
             for remote in (chat, windows):
-                theirs = await remote.step(StepRequest(plan.prompt, plan.audio, 16, "remote"))
-                assert theirs.prompt_token_ids == ours.prompt_token_ids, f"step {steps}: prompt tokens differ"
-                assert theirs.text == ours.text, f"step {steps}"
-                assert len(theirs.token_logprobs) == theirs.generated_tokens
-            by_window.append(theirs)
-            t.apply(plan, theirs.text)
+                r = theirs[remote] = await remote.step(StepRequest(plan.prompt, plan.audio, 16, "remote"))
+                assert r.prompt_token_ids == ours.prompt_token_ids, f"step {steps}: prompt tokens differ"
+                assert r.text == ours.text, f"step {steps}"
+                assert len(r.token_logprobs) == r.generated_tokens
+            by_window.append(theirs[windows])
+            t.apply(plan, ours.text)
             steps += 1
             if plan.final:
                 break
@@ -118,8 +119,9 @@ async def test_a_window_the_server_evicted_is_sent_again(server, speech16k):
     windows = await VLLMServerEngine.start(server, api_key=API_KEY)
     chat = await VLLMServerEngine.start(server, api_key=API_KEY, reuse_windows=False)
     try:
-        # audio no other test sent (the server holds windows by content, whoever sent them)
-        audio = np.tile(speech16k, 2)[: 12 * SR][::-1].astype(np.float32) / 32768 * 0.7
+        # audio nobody sent before (the server holds windows by content, whoever sent them)
+        gain = np.random.default_rng().uniform(0.5, 0.9)
+        audio = np.tile(speech16k, 2)[: 12 * SR][::-1].astype(np.float32) / 32768 * gain
         prompt = windows.base_prompt("")
         w = windows._windows
         await windows.step(StepRequest(prompt, audio[: 4 * SR], 8, "evicted"))  # the stream has its server
@@ -130,7 +132,10 @@ async def test_a_window_the_server_evicted_is_sent_again(server, speech16k):
         want = await chat.step(StepRequest(prompt, audio, 8, "evicted"))
         assert windows.window_stats["resent_steps"] == 1
         assert (got.text, got.prompt_token_ids) == (want.text, want.prompt_token_ids)
-        assert windows.stats.failed_steps == 0
+        assert got.audio_items == 2 and windows.stats.failed_steps == 0
+        # a request that asks for no window reuse (offline recognize) takes the chat path
+        raw = await windows.step(StepRequest(prompt, audio, 8, "", reuse_windows=False))
+        assert raw.audio_items == 1 and (raw.text, raw.prompt_token_ids) == (want.text, want.prompt_token_ids)
     finally:
         await windows.aclose()
         await chat.aclose()
@@ -200,6 +205,10 @@ async def test_stt_base_url_streams_through_the_server(server, engine, speech16k
         text = await final_text(remote)
         engine_used = remote.engine
         assert isinstance(engine_used, VLLMServerEngine) and engine_used.stats.steps >= 1
+        offline = await remote.recognize(list(stereo_frames(speech16k[: 3 * SR])))
+        assert offline.type == stt.SpeechEventType.FINAL_TRANSCRIPT
+        # streams and one-shot requests leave no server pinned (load balancing counts pinned streams)
+        assert not engine_used._pinned and all(s.streams == 0 for s in engine_used._servers)
     finally:
         await remote.aclose()
     assert remote.engine is None and engine_used._session.closed  # the STT closed what it opened
