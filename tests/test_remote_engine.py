@@ -141,6 +141,23 @@ async def test_a_window_the_server_evicted_is_sent_again(server, speech16k):
         await chat.aclose()
 
 
+def test_packb_writes_msgpack_that_msgspec_reads():
+    import msgspec
+
+    from livekit_qwen_asr.mm_wire import packb
+
+    value = {
+        "short": "x",
+        "long": "y" * 40,
+        "ints": [0, 127, 128, 2**32, 2**63, -1, -32, -33, -(2**40)],
+        "flags": [True, False, None],
+        "empty": [[], {}],
+        "blob": b"\x00\x01",
+        "many": list(range(20)),
+    }
+    assert msgspec.msgpack.decode(packb(value)) == value
+
+
 def test_window_items_are_what_vllms_own_decoder_expects():
     """mm_wire writes vLLM's msgpack item layout without torch: vLLM's decoder must read back the
     items its processor builds from the in-process engine's feature dict."""
