@@ -58,7 +58,7 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title("Streaming word latency, test model (words never right stay below the curve)")
+    ax.set_title("Streaming word latency, test model (never-right words: the gap to 1)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
