@@ -41,7 +41,7 @@ from .features import (
     TOKENS_PER_WINDOW,
     WINDOW_FRAMES,
     FeatureCache,
-    output_tokens,
+    reencoded_seconds,
     self_check,
 )
 from .log import logger
@@ -593,12 +593,7 @@ class VLLMEngine:
             pos = ids.index(self._audio_start_id) + 1
         except ValueError:
             return sum(item_frames) * HOP / SAMPLE_RATE
-        seconds = 0.0
-        for frames in item_frames:
-            pos += output_tokens(frames)
-            if pos > cached:
-                seconds += frames * HOP / SAMPLE_RATE
-        return seconds
+        return reencoded_seconds(pos, item_frames, cached)
 
     @property
     def reuses_windows(self) -> bool:

@@ -47,6 +47,17 @@ def output_tokens(frames: int) -> int:
     return ((feat - 1) // 2 + 1 - 1) // 2 + 1 + (frames // CONV_FRAMES) * 13
 
 
+def reencoded_seconds(first_pad: int, item_frames: tuple[int, ...], cached_tokens: int) -> float:
+    """Seconds of the items (consecutive from prompt position `first_pad`) whose audio tokens reach
+    past a prefix-cache hit of `cached_tokens`: those were encoded and prefilled again."""
+    pos, seconds = first_pad, 0.0
+    for frames in item_frames:
+        pos += output_tokens(frames)
+        if pos > cached_tokens:
+            seconds += frames * HOP / 16_000
+    return seconds
+
+
 @dataclass(frozen=True)
 class FeatureItems:
     """An utterance's features split into encoder windows: what vLLM takes as precomputed items."""

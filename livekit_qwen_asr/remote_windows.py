@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import mm_wire
-from .features import HOP, WINDOW_FRAMES, FeatureCache, FeatureItems, output_tokens
+from .features import WINDOW_FRAMES, FeatureCache, FeatureItems, output_tokens, reencoded_seconds
 from .prompt import AUDIO_PLACEHOLDER
 from .streaming import TokenCodec
 
@@ -151,9 +151,4 @@ class WindowRequests:
 
 def encoded_seconds(step: GenerateStep, cached_tokens: int) -> float:
     """Seconds of the windows whose audio tokens reach past the prefix-cache hit (re-encoded)."""
-    pos, seconds = step.pad_offset, 0.0
-    for frames in step.sizes:
-        pos += output_tokens(frames)
-        if pos > cached_tokens:
-            seconds += frames * HOP / 16_000
-    return seconds
+    return reencoded_seconds(step.pad_offset, step.sizes, cached_tokens)
