@@ -46,6 +46,7 @@ LEAD_S = 0.3  # silence before the first sentence
 GAP_S = 1.5  # silence between sentences: one utterance each
 TAIL_S = 1.2  # silence after the last sentence: the endpoint fires before the track ends
 SCENARIO_TIMEOUT_S = 150.0
+STALL_S = 1.0  # one event-loop stall in the meeting (the talkers' queues hold 2 s)
 
 VOICES = {"alice": "en-us", "bob": "en-gb", "carol": "en-us+f3", "dave": "en-gb+m3"}
 SENTENCES = (
@@ -139,8 +140,11 @@ class Talker:
     joined_at: float = 0.0
 
     def __post_init__(self) -> None:
-        # a small queue: capture_frame returns close to when the frame plays out, so times are exact
-        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=100)
+        # A queue of 2 s: when the event loop stalls (a loaded CI machine), the source keeps playing
+        # queued audio; a short queue runs dry and the track fills the stall with silence, which can
+        # split a sentence in two (measured: a 100 ms queue and a 0.6 s stall put 0.5 s of silence
+        # into the audio). Times stay exact: they count the queued audio (`_playout_time`).
+        self.source = rtc.AudioSource(RATE, 1, queue_size_ms=2000)
         self.track = rtc.LocalAudioTrack.create_audio_track(f"{self.identity}-mic", self.source)
 
     def join(self, *, auto_subscribe: bool = True) -> None:
@@ -165,6 +169,8 @@ class Talker:
         """Speak a sentence, or its first `cut_at` fraction (the caller then leaves or mutes)."""
         audio = sentence if cut_at is None else sentence[: int(len(sentence) * cut_at)]
         start, end = await self.play(audio)
+        if cut_at is not None:
+            await self.source.wait_for_playout()  # the caller leaves or mutes after its last sample
         self.spoken.append(Spoken(start, end, cut_at is None))
 
     async def pause(self, seconds: float) -> None:
@@ -236,12 +242,18 @@ async def test_four_participants_overlapping_speech(engine, speech):
         await dave.pause(LEAD_S)
         await dave.say(speech["dave"][0])
         await dave.pause(GAP_S)
-        await dave.say(speech["dave"][1])
+        # a stalled event loop mid-sentence (a busy machine): no silence may enter his audio, no
+        # frame may be lost, and the sentence stays one utterance
+        start, _ = await dave.play(speech["dave"][1][: RATE // 2])
+        time.sleep(STALL_S)
+        _, end = await dave.play(speech["dave"][1][RATE // 2 :])
+        dave.spoken.append(Spoken(start, end, True))
         await dave.pause(TAIL_S)
 
     async def alice_talks() -> None:
         await alice.pause(LEAD_S)
-        start, _ = await alice.play(speech["alice"][0][:RATE])  # dave joins 1 s into her sentence
+        start, _ = await alice.play(speech["alice"][0][:RATE])
+        await alice.source.wait_for_playout()  # dave joins 1 s into her sentence
         dave_tasks.append(asyncio.create_task(dave_joins_and_talks()))
         _, end = await alice.play(speech["alice"][0][RATE:])
         alice.spoken.append(Spoken(start, end, True))
