@@ -6,4 +6,4 @@ bash scripts/setup.sh cpu
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
 source scripts/preload.sh
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest -p no:cacheprovider -q "$@"
+exec .venv/bin/python -m pytest -p no:cacheprovider -q --durations=25 "$@"
