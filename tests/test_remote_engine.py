@@ -141,6 +141,78 @@ async def test_a_window_the_server_evicted_is_sent_again(server, speech16k):
         await chat.aclose()
 
 
+class _Proxy:
+    """A real HTTP reverse proxy in front of the test server that can start answering 404 on vLLM's
+    token-in route: the server as seen after a restart without `--enable-scale-out` (a second real
+    server for that would cost a minute of start-up)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.refuse_generate = False
+        self.url = ""
+
+    async def __aenter__(self) -> _Proxy:
+        import aiohttp
+        from aiohttp import web
+
+        self._client = aiohttp.ClientSession()
+
+        async def forward(request: web.Request) -> web.StreamResponse:
+            if self.refuse_generate and request.path.startswith("/inference/"):
+                return web.Response(status=404, text='{"detail":"Not Found"}')
+            skip = {"host", "content-length"}
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
+            body = await request.read()
+            async with self._client.request(
+                request.method, self.upstream + request.path_qs, headers=headers, data=body
+            ) as up:
+                payload = await up.read()
+                return web.Response(status=up.status, body=payload, content_type=up.content_type)
+
+        app = web.Application(client_max_size=256 * 2**20)
+        app.router.add_route("*", "/{tail:.*}", forward)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+        await self._client.close()
+
+
+async def test_a_server_that_loses_the_window_route_mid_run_moves_to_the_chat_path(server, speech16k, caplog):
+    """Windows work at start; then the route answers 404 (a restart without --enable-scale-out): the
+    step in flight is answered by the chat path, with one warning, and the server stays on it."""
+    audio = speech16k[: 10 * SR].astype(np.float32) / 32768
+    async with _Proxy(server) as proxy:
+        remote = await VLLMServerEngine.start(proxy.url, api_key=API_KEY)
+        chat = await VLLMServerEngine.start(server, api_key=API_KEY, reuse_windows=False)
+        try:
+            assert remote.reuses_windows
+            prompt = remote.base_prompt("")
+            first = await remote.step(StepRequest(prompt, audio[: 6 * SR], 8, "s"))
+            sent = dict(remote.window_stats)
+            assert first.audio_items == 1 and sent["items_with_data"] == 1
+            proxy.refuse_generate = True
+            with caplog.at_level("WARNING", logger="livekit.plugins.qwen_asr"):
+                got = await remote.step(StepRequest(prompt, audio, 8, "s"))
+                again = await remote.step(StepRequest(prompt, audio, 8, "s2"))
+            want = await chat.step(StepRequest(prompt, audio, 8, "c"))
+            assert (got.text, got.prompt_token_ids) == (want.text, want.prompt_token_ids)
+            assert (again.text, again.prompt_token_ids) == (want.text, want.prompt_token_ids)
+            assert (got.audio_items, again.audio_items) == (1, 1)  # one raw audio item: the chat path
+            assert remote.window_stats == sent and remote.stats.failed_steps == 0
+            assert not remote.reuses_windows
+            moved = [r for r in caplog.records if "chat path from now" in r.getMessage()]
+            assert len(moved) == 1 and proxy.url in moved[0].getMessage()
+        finally:
+            await remote.aclose()
+            await chat.aclose()
+
+
 def test_packb_writes_msgpack_that_msgspec_reads():
     import msgspec
 
