@@ -22,9 +22,11 @@ from livekit_qwen_asr import test_model as tm
 from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine
 from livekit_qwen_asr.prompt import parse_output
 from livekit_qwen_asr.samples import iter_frames, read_wav, word_error_rate
+from livekit_qwen_asr.streaming import StreamingConfig, StreamingTranscriber
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_PY = ROOT / ".venv-official" / "bin" / "python"
+HARNESS = Path(__file__).parent / "official" / "run_official_streaming.py"
 ASSETS = ROOT / "livekit_qwen_asr" / "assets"
 MAX_STREAMING_WER = 0.5  # the shipped model's bound on its own recording (random weights: > 1.0)
 
@@ -179,3 +181,55 @@ async def test_stream_finals_are_the_words_of_the_bundled_recording(test_model_e
         assert f.start_time <= s["start"] / rate and f.end_time >= s["end"] / rate - 0.05
     wer = word_error_rate(ref["text"], " ".join(f.text for f in finals))
     assert wer <= MAX_STREAMING_WER, wer
+
+
+@pytest.mark.timeout(600)
+async def test_the_official_streaming_loop_and_ours_agree_on_a_trained_model(test_model_engine, tmp_path):
+    """The qwen-asr package's own streaming loop (`streaming_transcribe` / `finish_streaming_transcribe`,
+    its generate calls answered greedily by its transformers backend) and our StreamingTranscriber on
+    vLLM, over the demo recording as one stream in 2 s pieces: the same prompt at every step, the
+    same text after it, the same final. A model that stops by itself, unlike random weights."""
+    cap = 64
+    pcm, rate, _ = read_wav(ASSETS / "test_model_speech.wav")
+    audio = pcm.astype(np.float32) / 32768
+    np.save(tmp_path / "audio.npy", audio)
+    pieces = [n for n in [2 * rate] * (len(audio) // (2 * rate)) + [len(audio) % (2 * rate)] if n]
+    case = {"name": "test_model", "outputs": [], "pieces": pieces, "audio_seed": 0, "state_kwargs": {}}
+    spec = {"model": str(tm.ensure_test_model()), "max_new_tokens": cap, "audio": str(tmp_path / "audio.npy")}
+    proc = subprocess.run(
+        [str(OFFICIAL_PY), str(HARNESS)],
+        input=json.dumps(spec | {"cases": [case]}),
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    official = json.loads(proc.stdout.strip().splitlines()[-1])[0]
+
+    eng = test_model_engine
+    t = StreamingTranscriber(StreamingConfig(), eng.codec, eng.base_prompt)
+    prompts, texts = [], []
+
+    async def run(plan) -> None:
+        prompts.append(plan.prompt)
+        result = await eng.step(StepRequest(plan.prompt, plan.audio, cap, "official-vs-ours"))
+        texts.append(t.apply(plan, result.text).text)
+
+    pos = 0
+    for n in pieces:
+        t.push_audio(audio[pos : pos + n])
+        pos += n
+        while (plan := t.next_step(max_chunks=1)) is not None:
+            await run(plan)
+    if (plan := t.finish_step()) is not None:
+        await run(plan)
+    final = t.finalize()
+    eng.release_stream("official-vs-ours")
+
+    ref = json.loads((ASSETS / "test_model_speech.json").read_text())["text"]
+    print(f"\nreference: {ref}\nfinal:     {final.text} (WER {word_error_rate(ref, final.text):.0%})")
+    assert len(prompts) == len(official["calls"]) >= 4  # 9 s: four chunks and the tail
+    assert prompts == [c["prompt"] for c in official["calls"]]
+    assert texts == official["texts"]
+    assert final.text == official["final_text"] and final.language == official["final_language"]
+    assert word_error_rate(ref, final.text) < 1.0  # words with meaning, not random tokens

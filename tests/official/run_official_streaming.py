@@ -6,6 +6,11 @@ prints, per case, every generate call's prompt and audio length plus the parsed 
 
 The stand-in replaces only `vllm.LLM.generate` (the official code calls nothing else on it); it
 returns the scripted outputs in order, in vLLM's RequestOutput shape (`.outputs[0].text`).
+
+With `"model"` in the spec (a trained checkpoint, e.g. the test model) the stand-in answers each
+generate call with the official transformers backend instead, greedy, as its own `transcribe` does
+(`_infer_asr_transformers`), and the audio is read from the spec's `"audio"` .npy file: the official
+streaming loop then runs end to end on a real model (vLLM itself cannot run in this venv).
 """
 
 import json
@@ -37,16 +42,37 @@ class RecordingLLM:
         return [SimpleNamespace(outputs=[SimpleNamespace(text=text)])]
 
 
+class TransformersLLM(RecordingLLM):
+    """`LLM.generate` answered by the official transformers backend: greedy, `max_new_tokens`."""
+
+    def __init__(self, model):
+        super().__init__([])
+        self.model = model
+
+    def generate(self, inputs, sampling_params=None, use_tqdm=False):
+        m = self.model
+        prompt, audio = inputs[0]["prompt"], inputs[0]["multi_modal_data"]["audio"][0]
+        batch = m.processor(text=[prompt], audio=[audio], return_tensors="pt", padding=True)
+        batch = batch.to(m.model.device).to(m.model.dtype)
+        out = m.model.generate(**batch, max_new_tokens=m.max_new_tokens)
+        ids = out.sequences if hasattr(out, "sequences") else out
+        new = ids[:, batch["input_ids"].shape[1] :]
+        text = m.processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)[0]
+        self.outputs.append(text)
+        return super().generate(inputs, sampling_params, use_tqdm)
+
+
 def make_audio(seed, n):
     """Deterministic noise; tests/test_conformance.py builds the same array."""
     return (np.random.default_rng(seed).standard_normal(n) * 0.1).astype(np.float32)
 
 
-def run_case(processor, case):
-    llm = RecordingLLM(case["outputs"])
+def run_case(processor, case, real=None, audio=None):
+    llm = TransformersLLM(real) if real is not None else RecordingLLM(case["outputs"])
     model = Qwen3ASRModel(backend="vllm", model=llm, processor=processor, sampling_params=None)
     state = model.init_streaming_state(**case["state_kwargs"])
-    audio = make_audio(case["audio_seed"], sum(case["pieces"]))
+    if audio is None:
+        audio = make_audio(case["audio_seed"], sum(case["pieces"]))
     texts = []
     pos = 0
     for n in case["pieces"]:
@@ -62,8 +88,17 @@ def run_case(processor, case):
 
 def main():
     spec = json.load(sys.stdin)
-    processor = Qwen3ASRProcessor.from_pretrained(spec["checkpoint"], fix_mistral_regex=True)
-    print(json.dumps([run_case(processor, c) for c in spec["cases"]], ensure_ascii=False))
+    if "model" in spec:
+        import torch
+
+        cap = spec["max_new_tokens"]
+        real = Qwen3ASRModel.from_pretrained(spec["model"], dtype=torch.float32, max_new_tokens=cap)
+        audio = np.load(spec["audio"])
+        results = [run_case(real.processor, c, real, audio[: sum(c["pieces"])]) for c in spec["cases"]]
+    else:
+        processor = Qwen3ASRProcessor.from_pretrained(spec["checkpoint"], fix_mistral_regex=True)
+        results = [run_case(processor, c) for c in spec["cases"]]
+    print(json.dumps(results, ensure_ascii=False))
 
 
 if __name__ == "__main__":
