@@ -7,6 +7,7 @@ own path (STT.stream() with its VAD) must turn the bundled in-domain recording i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -233,3 +234,53 @@ async def test_the_official_streaming_loop_and_ours_agree_on_a_trained_model(tes
     assert texts == official["texts"]
     assert final.text == official["final_text"] and final.language == official["final_language"]
     assert word_error_rate(ref, final.text) < 1.0  # words with meaning, not random tokens
+
+
+@pytest.mark.timeout(300)
+async def test_captioner_finals_say_what_each_participant_said(test_model_engine):
+    """Two participants talk at once in a room (real rtc audio sources, real VAD, the room double of
+    tests/room_double.py), each saying two of the demo recording's sentences: one final per sentence,
+    published under its speaker's identity, and each speaker's finals are that speaker's words."""
+    from livekit_qwen_asr.captioner import RoomCaptioner
+
+    from .room_double import RoomDouble
+    from .test_captioner import GAP_S, LEAD_S, TAIL_S, Talker, _finals
+
+    ref = json.loads((ASSETS / "test_model_speech.json").read_text())
+    pcm, _, _ = read_wav(ASSETS / "test_model_speech.wav")
+    said = {"alice": ref["sentences"][0::2], "bob": ref["sentences"][1::2]}
+    room = RoomDouble()
+    plugin = livekit_qwen_asr.STT(engine=test_model_engine)
+    talkers = {who: Talker(room, who) for who in said}
+    for t in talkers.values():
+        t.join()
+    captioner = RoomCaptioner(room, plugin)
+    captioner.start()
+    published = room.local_participant.closed_streams
+
+    async def talk(who: str) -> None:
+        t = talkers[who]
+        await t.pause(LEAD_S)
+        for i, s in enumerate(said[who]):
+            await t.say(pcm[s["start"] : s["end"]])
+            await t.pause(GAP_S if i + 1 < len(said[who]) else TAIL_S)
+
+    try:
+        async with asyncio.timeout(120):
+            await asyncio.gather(*(talk(who) for who in said))
+            await room.changed.wait_for(
+                lambda: all(len(_finals(published, who)) >= len(said[who]) for who in said), 60.0
+            )
+    finally:
+        await captioner.aclose()
+        for t in talkers.values():
+            await t.aclose()
+        await plugin.aclose()
+
+    for who, sentences in said.items():
+        finals = [r.text for r in _finals(published, who)]
+        reference = " ".join(s["text"] for s in sentences)
+        wer = word_error_rate(reference, " ".join(finals))
+        print(f"\n{who}: reference: {reference}\n{who}: finals:    {' | '.join(finals)} (WER {wer:.0%})")
+        assert len(finals) == len(sentences)
+        assert wer <= MAX_STREAMING_WER, (who, wer)
