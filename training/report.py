@@ -96,8 +96,9 @@ def render() -> str:
         "are not reached yet. Besides the plumbing (expansion, loading, identical decoding in vLLM and "
         "the official backend), tests/test_test_model.py asserts text at the model's present level: "
         "the plugin's stream over the demo recording gives one final per sentence with WER <= 50 % "
-        "(random weights: over 100 %), and the qwen-asr package's own streaming loop, answered by its "
-        "transformers backend, gives the same prompt, text and final as ours at every step.\n"
+        "(random weights: over 100 %); in a captioned room of two talkers each speaker's finals are "
+        "that speaker's words (same bound); and the qwen-asr package's own streaming loop, answered by "
+        "its transformers backend, gives the same prompt, text and final as ours at every step.\n"
     )
     return "\n".join(out)
 
