@@ -47,8 +47,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class SpeechPool:
-    """Pause-free speech; each clip starts 997 samples after the previous one, so no two streams send
-    the same audio (none is served from another's cache)."""
+    """Pause-free speech; each clip starts 1,009 samples after the previous one, so no two streams send
+    the same audio (none is served from another's cache), nor the benchmark's clips (997 apart)."""
 
     def __init__(self, seconds: float) -> None:
         from livekit_qwen_asr.samples import pause_free_speech
@@ -59,7 +59,7 @@ class SpeechPool:
     def clip(self, seconds: float) -> np.ndarray:
         n = int(seconds * driver.SR)
         self.used += 1
-        start = (self.used * 997) % max(1, self.audio.shape[0] - n)
+        start = (5_557 + self.used * 1_009) % max(1, self.audio.shape[0] - n)  # not bench/run.py's clips
         out = self.audio[start : start + n]
         if out.shape[0] != n:
             raise RuntimeError("speech pool shorter than one clip")
