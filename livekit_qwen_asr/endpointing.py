@@ -5,8 +5,9 @@
   of speech, end after `endpointing_ms` of silence. Positions are absolute 16 kHz sample indices.
 - `AudioTimeline` keeps the stream's recent audio addressable by absolute position, so audio can be
   routed to the transcriber once the VAD has judged it (silence never reaches the model).
-- `choose_cut` picks where to split an utterance that reached the maximum length: the quietest
-  20 ms frame in a search window, so the cut falls between words, never inside one.
+- `choose_cut` picks where to split an utterance that reached the maximum length: a quiet 20 ms frame
+  in a search window whose surrounding 100 ms is quietest, so the cut falls between words where the
+  audio shows a boundary.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class EndpointingConfig:
     pause_ms: int = 200  # silence inside an utterance that may end the turn (PREFLIGHT cue); gaps
     # between words are shorter, so they are no pause
     max_utterance_sec: float = 30.0  # longer utterances are cut (between words) and continued
-    cut_search_sec: float = 4.0  # the forced cut looks for the quietest point in this window
+    cut_search_sec: float = 4.0  # the forced cut looks for a gap between words in this window
 
     def __post_init__(self) -> None:
         for name in ("endpointing_ms", "min_speech_ms", "padding_ms", "pause_ms"):
@@ -164,20 +165,37 @@ class AudioTimeline:
             self._base += n
 
 
-def choose_cut(audio: np.ndarray, lo: int, hi: int, frame: int = 320, hop: int = 160) -> int:
-    """Index in [lo, hi] at the centre of the quietest `frame`-sample window (RMS): between words.
+def choose_cut(
+    audio: np.ndarray,
+    lo: int,
+    hi: int,
+    frame: int = 320,
+    hop: int = 160,
+    context: int = 1600,
+    quiet_share: float = 0.1,
+) -> int:
+    """Index in [lo, hi] between words: among the quietest `quiet_share` of the `frame`-sample windows
+    (RMS), the centre of the one whose `context` samples around it are quietest (then the quieter
+    frame, then the later one).
 
-    Ties go to the latest position, so an utterance is cut as late as possible.
+    A stop consonant's closure inside a word ("par|ty") is as quiet over 20 ms as a gap between words,
+    but the 100 ms around a closure are loud: by the quietest 20 ms alone, far more forced cuts fell
+    inside a word in pause-free speech (bench/forced_cuts.py; docs/fidelity.md has the counts).
     """
     lo, hi = max(0, lo), min(hi, audio.shape[0])
     if hi - lo < frame:
         return hi
     x = audio[lo:hi].astype(np.float64)
     sq = np.concatenate([[0.0], np.cumsum(x * x)])
-    starts = np.arange(0, x.shape[0] - frame + 1, hop)
-    energy = sq[starts + frame] - sq[starts]
-    best = int(starts[len(energy) - 1 - int(np.argmin(energy[::-1]))])
-    return lo + best + frame // 2
+    centres = np.arange(0, x.shape[0] - frame + 1, hop) + frame // 2
+    energy = sq[centres + frame - frame // 2] - sq[centres - frame // 2]
+    a = np.clip(centres - context // 2, 0, x.shape[0])
+    b = np.clip(centres + context // 2, 0, x.shape[0])
+    around = (sq[b] - sq[a]) / np.maximum(b - a, 1)
+    quiet = np.argsort(energy, kind="stable")[: max(1, int(np.ceil(quiet_share * energy.shape[0])))]
+    # quietest context first, then the quieter frame, then the latest
+    best = quiet[np.lexsort((-quiet, energy[quiet], around[quiet]))[0]]
+    return lo + int(centres[best])
 
 
 @dataclass(frozen=True)
@@ -226,7 +244,7 @@ class Segmenter:
     With a VAD (`use_vad`), audio waits in the timeline until the VAD has judged it: speech (from the
     onset minus padding) is pushed to the transcriber, silence between utterances never is. Without a
     VAD everything is pushed and only `flush` or the length limit end an utterance. In both modes an
-    utterance longer than `max_utterance_sec` is cut at the quietest point of the last
+    utterance longer than `max_utterance_sec` is cut at the quietest gap (`choose_cut`) of the last
     `cut_search_sec`; the audio after the cut starts the next utterance (no sample lost or repeated).
     """
 

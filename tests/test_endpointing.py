@@ -198,3 +198,16 @@ def test_choose_cut_picks_the_quietest_window_latest_on_ties():
 def test_bad_endpointing_options(kw):
     with pytest.raises(InvalidOptionError):
         EndpointingConfig(**kw)
+
+
+def test_choose_cut_prefers_a_gap_between_words_to_a_closure_inside_one():
+    """A stop consonant's closure (50 ms of silence between loud sounds, inside a word) is quieter over
+    20 ms than the junction of two words (a 25 ms near-silence amid 150 ms of softer sound), but only
+    the junction is quiet over the 100 ms around it: the cut goes there (the quietest 20 ms alone chose
+    the closure, and cut the word in two)."""
+    x = np.full(32000, 8000, np.int16)
+    x[8000:8800] = 0  # closure, 8000..8800
+    x[20000:22400] = 1000  # softer sound around the junction
+    x[21000:21400] = 100  # the junction
+    c = choose_cut(x, 0, 32000)
+    assert 21000 <= c <= 21400, c
