@@ -64,7 +64,45 @@ def plot(reports: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def render(folders: list[Path], info: dict | None = None) -> str:
+FORCED_CUTS = (
+    "Forced cuts (bench/forced_cuts.py on `training.long_speech`: held-out sentences in one seen voice, "
+    "joined with no pause anywhere, so every segment ends by a forced cut). A cut is inside a word when "
+    "it falls in the middle 60 % of the span espeak-ng gave the word (to the next word's start). Words "
+    "at a cut: the word it falls in, or the two words beside the nearest boundary; wrong = not matched "
+    "in the difflib alignment of all finals against the reference. The same count for the offline "
+    "decode of each segment says what the cut position alone costs; at each segment's middle, what the "
+    "model gets wrong anyway."
+)
+
+
+def render_forced_cuts(path: Path) -> list[str]:
+    r = json.loads(path.read_text())
+    shutil.copy(path, DATA / "forced_cuts.json")
+    rules = r["cut_rules"]
+    out = [
+        FORCED_CUTS,
+        "",
+        f"Speech: {r['speech']['seconds']:.0f} s, {r['speech']['words']} words, voice `{r['voice']}`. "
+        f"The cut rule alone, at a cut every 1.7 s: inside a word at {rules['quiet_100ms_context']} of "
+        f"{rules['cuts']} cuts (quietest 20 ms with its 100 ms also quiet, the plugin's rule) against "
+        f"{rules['quietest_20ms']} of {rules['cuts']} (quietest 20 ms alone, the rule before).",
+        "",
+        "| max_utterance_sec | segments | cuts inside a word | wrong words per cut, streaming / offline "
+        "| inserted per cut | wrong words per segment middle | WER streaming / offline segments |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mus, x in r["runs"].items():
+        c, o, m = x["at_cuts_streaming"], x["at_cuts_offline"], x["at_middles_streaming"]
+        out.append(
+            f"| {float(mus):g} | {x['segments']} | {x['cuts_mid_word']} of {x['cuts']} "
+            f"| {c['wrong_words_per_point']:.2f} / {o['wrong_words_per_point']:.2f} "
+            f"| {c['inserted_per_point']:.2f} | {m['wrong_words_per_point']:.2f} "
+            f"| {x['wer_streaming']:.1%} / {x['wer_offline_segments']:.1%} |"
+        )
+    return [*out, ""]
+
+
+def render(folders: list[Path], info: dict | None = None, forced_cuts: Path | None = None) -> str:
     DATA.mkdir(parents=True, exist_ok=True)
     rows = [
         "| set | files | audio (s) | offline WER | streaming final WER | gap | unstable partial words "
@@ -130,6 +168,7 @@ def render(folders: list[Path], info: dict | None = None) -> str:
             *rows,
             "",
             *latency,
+            *(render_forced_cuts(forced_cuts) if forced_cuts else []),
             "Targets of issue #12 (offline WER <= 5 % seen voices, <= 10 % unseen variants; streaming gap",
             "<= +0.3 points):",
             "",
@@ -147,10 +186,11 @@ def _pair(r: dict, key: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", type=Path, nargs="+")
+    ap.add_argument("--forced-cuts", type=Path, default=None, help="bench/forced_cuts.py's result file")
     a = ap.parse_args(argv)
     from livekit_qwen_asr import test_model
 
-    DOC.write_text(render(a.folders, test_model.info()))
+    DOC.write_text(render(a.folders, test_model.info(), a.forced_cuts))
     print("wrote", DOC)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fidelity figures of the streaming algorithm on the shipped test model (issue #12): writes the held-out
-# sets as WAV + text, decodes each streaming and offline (bench/fidelity.py), renders docs/fidelity.md.
+# sets as WAV + text, decodes each streaming and offline (bench/fidelity.py), measures the words at forced
+# cuts (bench/forced_cuts.py), renders docs/fidelity.md.
 #   bash scripts/fidelity.sh [recordings per set, default 40]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,4 +19,7 @@ for s in test test_unseen test_noise; do
   .venv/bin/python -m bench.fidelity "results/heldout/$s" --model "$MODEL" --out "results/fidelity-$s"
   dirs+=("results/fidelity-$s")
 done
-.venv/bin/python -m bench.fidelity_report "${dirs[@]}"
+# words at forced cuts: 120 s of pause-free held-out speech, segments of 10 s and 30 s
+.venv-official/bin/python -m training.long_speech results/forced-cuts/speech.wav
+.venv/bin/python -m bench.forced_cuts results/forced-cuts/speech.wav --model "$MODEL" --out results/forced-cuts/report.json
+.venv/bin/python -m bench.fidelity_report "${dirs[@]}" --forced-cuts results/forced-cuts/report.json

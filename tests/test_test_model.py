@@ -19,7 +19,10 @@ from livekit.agents import stt
 from safetensors import safe_open
 
 import livekit_qwen_asr
+from bench import forced_cuts
 from livekit_qwen_asr import test_model as tm
+from livekit_qwen_asr.browser import BrowserCaptionServer, CaptionHub
+from livekit_qwen_asr.browser.headless import HeadlessChromium, find_chromium, write_fake_mic_wav
 from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine
 from livekit_qwen_asr.prompt import parse_output
 from livekit_qwen_asr.samples import iter_frames, read_wav, word_error_rate
@@ -147,7 +150,7 @@ def test_the_main_job_falls_back_to_the_test_model_with_its_label_and_recording(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no model hub, as on CI machines
     model, reason = demo.resolve_model("Qwen/Qwen3-ASR-0.6B")
     assert Path(model) == tm.ensure_test_model() and "Qwen/Qwen3-ASR-0.6B cannot be loaded" in reason
-    banner = demo._test_model_banner(model, reason)
+    banner = demo.trained_model_banner(model, reason)
     assert tm.TEST_MODEL_LABEL in banner and "training steps" in banner
     wav = demo.test_model_speech_path()
     ref = json.loads(wav.with_suffix(".json").read_text())
@@ -284,3 +287,54 @@ async def test_captioner_finals_say_what_each_participant_said(test_model_engine
         print(f"\n{who}: reference: {reference}\n{who}: finals:    {' | '.join(finals)} (WER {wer:.0%})")
         assert len(finals) == len(sentences)
         assert wer <= MAX_STREAMING_WER, (who, wer)
+
+
+@pytest.mark.timeout(300)
+async def test_the_browser_page_shows_the_spoken_words(test_model_engine, tmp_path):
+    """Headless Chromium's fake microphone plays the bundled recording into the caption page over
+    WebRTC (tests/test_browser_chromium.py has the call mechanics): the page labels the test model and
+    its final lines say the recording's sentences."""
+    find_chromium()  # a clear error (not a skip) when Chromium is missing
+    ref = json.loads((ASSETS / "test_model_speech.json").read_text())
+    pcm, _, _ = read_wav(ASSETS / "test_model_speech.wav")
+    hub = CaptionHub(livekit_qwen_asr.STT(engine=test_model_engine), finish_timeout=60)
+    server = BrowserCaptionServer(hub, "127.0.0.1", 0)
+    await server.start()
+    finals = "[...document.querySelectorAll('#captions .line.final .text')].map(e => e.textContent)"
+    try:
+        async with HeadlessChromium(write_fake_mic_wav(tmp_path / "mic.wav", pcm, lead_silence_s=2.0)) as b:
+            page = await b.open(server.url + "?autostart=1&label=speaker")
+            await page.wait_for(f"{finals}.length >= {len(ref['sentences'])}", timeout=240)
+            banner = await page.evaluate("document.getElementById('banner').textContent")
+            shown = await page.evaluate(finals)
+    finally:
+        await server.aclose()
+    print("\nreference:", ref["text"], "\npage:     ", " | ".join(shown))
+    assert tm.TEST_MODEL_LABEL in banner and "Synthetic model" not in banner
+    assert len(shown) == len(ref["sentences"])  # one final line per sentence (0.8 s pauses)
+    assert word_error_rate(ref["text"], " ".join(shown)) <= MAX_STREAMING_WER
+
+
+@pytest.mark.timeout(600)
+async def test_forced_cuts_in_120_s_of_pause_free_speech(test_model_engine, tmp_path):
+    """120 s of held-out sentences in one voice with no pause anywhere (training.long_speech), so every
+    segment ends by a forced cut (`max_utterance_sec` 10: segments the test model reads well). The
+    segments tile the audio, each final is its segment's words, and what the cuts do to the words spoken
+    across them is printed (bench.forced_cuts; docs/fidelity.md has the figures)."""
+    wav = tmp_path / "speech.wav"
+    subprocess.run(
+        [str(OFFICIAL_PY), "-m", "training.long_speech", str(wav)], cwd=ROOT, check=True, timeout=120
+    )
+    ref = json.loads(wav.with_suffix(".json").read_text())
+    pcm, _, _ = read_wav(wav)
+    audio = pcm.astype(np.float32) / 32768
+    segs = await forced_cuts.segments_of(test_model_engine, audio, 10.0)
+    r = forced_cuts.summarize(ref["words"], segs)
+    print("\n", json.dumps({k: v for k, v in r.items() if k not in ("cut_detail", "finals")}))
+    assert audio.size / 16000 >= 120 and r["cuts"] >= 11  # no pause: only forced cuts end segments
+    assert r["tiled"] and segs[0].start == 0.0 and segs[-1].end >= audio.size / 16000 - 0.05
+    assert all(s.end - s.start <= 10.0 + 1e-6 for s in segs)
+    for s in segs:  # each final says its own segment's words (not its neighbours')
+        own = " ".join(w for w, a, b in ref["words"] if s.start <= (a + b) / 2 < s.end)
+        assert word_error_rate(own, s.text) <= MAX_STREAMING_WER, (own, s.text)
+    assert r["wer_streaming"] <= MAX_STREAMING_WER

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.corpus import _voice, is_held_out, load_words, sentence
+from training.corpus import FULL, _voice, is_held_out, load_words, sentence
 from training.speech import SAMPLE_RATE, TRAIN_VARIANTS, Espeak
 
 ASSETS = Path(__file__).resolve().parents[1] / "livekit_qwen_asr" / "assets"
@@ -37,7 +37,7 @@ def main() -> int:
             ws = sentence(rng, words, min_w=4, max_w=9)
             if is_held_out(ws):
                 break
-        voice, speed, pitch = _voice(rng, TRAIN_VARIANTS)
+        voice, speed, pitch = _voice(rng, TRAIN_VARIANTS, FULL)
         u = espeak.say(ws, voice, speed, pitch)
         seg = u.audio[: u.speech_end]
         meta.append({"text": " ".join(ws), "voice": voice, "start": n, "end": n + seg.size})
