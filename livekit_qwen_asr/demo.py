@@ -69,7 +69,7 @@ def resolve_model(model: str) -> tuple[str, str | None]:
         return str(ensure_checkpoint("tiny")), f"{reason}; {e}"
 
 
-def _test_model_banner(model: str, reason: str | None) -> str:
+def trained_model_banner(model: str, reason: str | None) -> str:
     import json
 
     trained = json.loads((Path(model) / "config.json").read_text())["test_model"]["trained"]
@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> int:
     if engine.is_synthetic:
         print(BANNER.format(reason=reason or f"{model} is a synthetic checkpoint"), flush=True)
     elif test_model:
-        print(_test_model_banner(model, reason), flush=True)
+        print(trained_model_banner(model, reason), flush=True)
     wav = args.wav or str(test_model_speech_path() if test_model else bundled_speech_path())
     reference = _reference_for(wav)
     if reference:

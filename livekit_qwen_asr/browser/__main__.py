@@ -2,7 +2,8 @@
 
 Open the printed URL in a browser on this machine, allow the microphone, speak. Every tab is a
 participant; all of them share one vLLM engine. Without a model hub the tiny synthetic checkpoint is
-used and bannered (random tokens, not a transcription).
+used and bannered (random tokens, not a transcription); with the bundled test model (the fallback
+when the real model cannot be loaded) the page says what the model is and knows.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import signal
 import sys
 import time
 
-from ..demo import BANNER, resolve_model
+from ..demo import BANNER, resolve_model, trained_model_banner
 from ..engine import DEFAULT_MODEL, EngineOptions
 from ..stt import STT
 from ..supervisor import SupervisedEngine
+from ..test_model import is_test_model
 from .server import BrowserCaptionServer
 from .session import CaptionHub
 
@@ -32,6 +34,8 @@ async def serve(args: argparse.Namespace) -> int:
     print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     if engine.is_synthetic:
         print(BANNER.format(reason=reason or f"{model} is a synthetic checkpoint"), flush=True)
+    elif is_test_model(model):
+        print(trained_model_banner(model, reason), flush=True)
     stt = STT(engine=engine, language=args.language, context=args.context)
     hub = CaptionHub(stt, max_calls=args.max_calls, share_captions=not args.private)
     server = BrowserCaptionServer(hub, args.host, args.port)

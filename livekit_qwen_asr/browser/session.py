@@ -31,6 +31,7 @@ from livekit.agents import stt, utils
 from ..errors import QwenASRError, TooManyStreamsError
 from ..log import logger
 from ..tasks import OwnedTasks
+from ..test_model import TEST_MODEL_LABEL, is_test_model
 from .frames import av_frame_to_rtc
 
 # A page that stops reading its data channel must not make the server queue without bound: above
@@ -463,6 +464,8 @@ class CaptionHub:
             "speaker": info.label,
             "model": self.stt.model,
             "synthetic": bool(getattr(engine, "is_synthetic", False)),
+            # the small model trained here is labelled wherever it is shown (issue #12)
+            "test_model": TEST_MODEL_LABEL if is_test_model(self.stt.model) else "",
             "share_captions": self.share_captions,
         }
 

@@ -75,6 +75,10 @@ function onMessage(ev) {
       $("banner").hidden = false;
       $("banner").textContent = "Synthetic model: random weights with the real Qwen3-ASR layout. " +
         "Its captions are random tokens, not a transcription; the pipeline is real.";
+    } else if (msg.test_model) {
+      $("banner").hidden = false;
+      $("banner").textContent = "Test model: " + msg.test_model + ". It knows only its synthetic " +
+        "English domain (espeak-ng voices, a fixed word list); elsewhere its captions mean nothing.";
     }
     setStatus("live", `Live as ${msg.speaker} (connection ${msg.call}).`);
   } else if (msg.type === "error") {
