@@ -1,4 +1,5 @@
-"""Render docs/test-model.md from the training logs (the numbers come only from state/*.jsonl).
+"""Render docs/test-model.md from the training logs (the numbers come only from state/*.jsonl), and
+the learning curve docs/test-model-curve.png when matplotlib is installed.
 
 python -m training.report      # any Python 3.11; no torch needed
 """
@@ -11,6 +12,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DOC = HERE.parent / "docs" / "test-model.md"
+CURVE = DOC.parent / "test-model-curve.png"
+TARGETS = {"test_wer": 0.05, "test_unseen_wer": 0.10}  # issue #12, offline WER
+BUDGET_CPU_H = 12.0  # issue #12: stop and ship the best model if the targets need more
 LOGS = {
     "stage 0 (1,000 words, frame-budget batches; abandoned)": "log-stage0-1000words.jsonl",
     "stage 1, first try (402 words, frame-budget batches; abandoned: CTC plateau)": (
@@ -54,8 +58,40 @@ def _rows(path: Path) -> list[dict]:
     )
 
 
+def plot(curves: list[tuple[str, list[dict]]], path: Path) -> bool:
+    """Held-out WER against cumulative CPU hours over all stages (one line per set)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for key, label in zip(WER_KEYS, ("seen voices", "unseen voice variants", "noise"), strict=True):
+        xs, ys, offset = [], [], 0.0
+        for _, (evals, stage_h) in curves:
+            xs += [offset + e["cpu_h"] for e in evals if key in e]
+            ys += [min(e[key], 1.2) for e in evals if key in e]
+            offset += stage_h
+        ax.plot(xs, ys, marker=".", label=label)
+    for target in TARGETS.values():
+        ax.axhline(target, ls=":", color="grey")
+    ax.set_xlabel("training CPU hours, all stages")
+    ax.set_ylabel("held-out WER (capped at 120 %)")
+    ax.set_ylim(0, 1.2)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Test model learning curve (dotted: issue #12's 5 % / 10 % targets)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def render() -> str:
     out = [INTRO]
+    curves: list[tuple[str, tuple[list[dict], float]]] = []
     for title, name in LOGS.items():
         rows = _rows(HERE / "state" / name)
         train = [r for r in rows if r.get("event") == "train"]
@@ -63,6 +99,8 @@ def render() -> str:
         if not train:
             continue
         last = train[-1]
+        stops = [r["cpu_h"] for r in rows if r.get("event") == "stop"]
+        curves.append((title, (evals, max([last["cpu_h"], *stops]))))
         out.append(f"### {title}\n")
         splits = sorted({r["train_split"] for r in train if "train_split" in r})
         if splits:
@@ -91,14 +129,32 @@ def render() -> str:
         for r in train[::every] + ([] if (len(train) - 1) % every == 0 else [train[-1]]):
             out.append(f"| {r['step']} | {r['cpu_h']:.2f} | {r['ce']:.2f} | {r['ctc']:.2f} |")
         out.append("")
+    total = sum(h for _, (_, h) in curves)
+    final = curves[-1][1][0][-1] if curves and curves[-1][1][0] else {}
+    met = {k: final.get(k, 1.0) <= t for k, t in TARGETS.items()}
+    out.append("### Learning curve\n")
+    if plot(curves, CURVE):
+        out.append(f"![held-out WER against training CPU hours]({CURVE.name})\n")
     out.append(
-        "Issue #12's targets (offline WER <= 5 % seen voices, <= 10 % unseen; streaming gap <= +0.3) "
-        "are not reached yet. Besides the plumbing (expansion, loading, identical decoding in vLLM and "
-        "the official backend), tests/test_test_model.py asserts text at the model's present level: "
-        "the plugin's stream over the demo recording gives one final per sentence with WER <= 50 % "
-        "(random weights: over 100 %); in a captioned room of two talkers each speaker's finals are "
-        "that speaker's words (same bound); and the qwen-asr package's own streaming loop, answered by "
-        "its transformers backend, gives the same prompt, text and final as ours at every step.\n"
+        f"Training so far: {total:.2f} CPU hours over all stages (logged training time, both cores "
+        f"counted). Issue #12's targets: offline WER <= 5 % with seen voices "
+        f"({'met' if met['test_wer'] else 'not met'}: {final.get('test_wer', float('nan')):.1%} at the "
+        f"last evaluation), <= 10 % with unseen voice variants "
+        f"({'met' if met['test_unseen_wer'] else 'not met'}: "
+        f"{final.get('test_unseen_wer', float('nan')):.1%}); "
+        f"the issue's budget is about {BUDGET_CPU_H:.0f} CPU hours, after which the best model ships "
+        "as it is. docs/fidelity.md has the streaming figures on the shipped model.\n"
+    )
+    out.append(
+        "Besides the plumbing (expansion, loading, identical decoding in vLLM and the official backend), "
+        "tests/test_test_model.py asserts text at the model's present level (`MAX_STREAMING_WER`; random "
+        "weights score over 100 %): the plugin's stream over the demo recording gives one final per "
+        "sentence; the caption page in headless Chromium, fed that recording by its fake microphone, "
+        "shows the model's label and those sentences; in a captioned room of two talkers each speaker's "
+        "finals are that speaker's words; on 120 s of pause-free speech cut every 10 s the segments tile "
+        "the audio and each final says its own segment's words; and the qwen-asr package's own "
+        "streaming loop, answered by its transformers backend, gives the same prompt, text and final as "
+        "ours at every step.\n"
     )
     return "\n".join(out)
 
