@@ -40,7 +40,7 @@ TEST_MODEL_BANNER = """\
  TEST MODEL: {reason}
  Using the {label}
  ({steps} training steps, {cpu_h} CPU hours; held-out WER at its last evaluation: {wer}).
- It knows ~1,000 English words spoken by espeak-ng; real speech is outside its domain.
+ It knows {words} English words spoken by espeak-ng; real speech is outside its domain.
 ================================================================================"""
 
 
@@ -80,6 +80,7 @@ def trained_model_banner(model: str, reason: str | None) -> str:
         label=TEST_MODEL_LABEL,
         steps=trained.get("steps", "?"),
         cpu_h=trained.get("cpu_h", "?"),
+        words=trained.get("words", "a few hundred"),
         wer=wer,
     )
 

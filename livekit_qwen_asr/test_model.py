@@ -1,5 +1,5 @@
 """The small test model trained in this repository (training/): real Qwen3-ASR architecture and the
-real Qwen vocabulary, trained on synthetic English speech (espeak-ng, 1,000 frequent words).
+real Qwen vocabulary, trained on synthetic English speech (espeak-ng, ~400 frequent English words).
 
 It is **not Qwen3-ASR-0.6B**: it exists so that transcripts shown by the demo, the tests and the
 benchmarks mean something when the real weights cannot be downloaded. Shipped compact

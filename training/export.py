@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from training.corpus import load_words
 from training.model import model_config
 from training.train import STATE_DIR
 
@@ -44,6 +45,7 @@ def export(state_path: Path = STATE_DIR / "state.pt", out: Path = OUT) -> dict:
     trained = {
         "steps": st["step"],
         "cpu_h": round(st["cpu_s"] / 3600, 3),
+        "words": len(load_words()),  # the domain: what the model can write
         "last_eval": last_eval(STATE_DIR / "log.jsonl"),
     }
     meta = {
