@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_PY = ROOT / ".venv-official" / "bin" / "python"
 HARNESS = Path(__file__).parent / "official" / "run_official_streaming.py"
 ASSETS = ROOT / "livekit_qwen_asr" / "assets"
-MAX_STREAMING_WER = 0.5  # the shipped model's bound on its own recording (random weights: > 1.0)
+MAX_STREAMING_WER = 0.35  # the shipped model (step 38,881) scores 6-22 % in these tests; random weights > 1.0
 
 
 def _flip_last_byte(path: Path) -> None:
