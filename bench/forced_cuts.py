@@ -41,17 +41,26 @@ class Segment:
     offline: str  # the same audio decoded in one step, no prefix
 
 
+def word_index(ref: list[list], t: float) -> int | None:
+    """Index of the reference word whose span holds the time `t`, None outside every word."""
+    for i, (_, a, b) in enumerate(ref):
+        if a <= t < b:
+            return i
+    return None
+
+
 def words_at(ref: list[list], t: float) -> list[int]:
     """Indices of the reference words a point in time touches: the word it falls in, or when it is within
     40 ms of a word boundary, the two words on either side of that boundary."""
-    for i, (_, a, b) in enumerate(ref):
-        if a <= t < b:
-            if t - a < 0.04 and i > 0:
-                return [i - 1, i]
-            if b - t < 0.04 and i + 1 < len(ref):
-                return [i, i + 1]
-            return [i]
-    return [len(ref) - 1] if ref and t >= ref[-1][2] else []
+    i = word_index(ref, t)
+    if i is None:
+        return [len(ref) - 1] if ref and t >= ref[-1][2] else []
+    _, a, b = ref[i]
+    if t - a < 0.04 and i > 0:
+        return [i - 1, i]
+    if b - t < 0.04 and i + 1 < len(ref):
+        return [i, i + 1]
+    return [i]
 
 
 def align(ref_words: list[str], hyp_words: list[str]) -> tuple[list[bool], list[int]]:
@@ -69,8 +78,10 @@ def align(ref_words: list[str], hyp_words: list[str]) -> tuple[list[bool], list[
 
 
 def damage(ref: list[list], hyp_text: str, points: list[float]) -> list[dict]:
-    ref_words = [w for w, _, _ in ref]
-    matched, inserted = align(ref_words, hyp_text.split())
+    from bench.fidelity import normalize  # the fidelity bench's word normalisation (case, punctuation)
+
+    ref_words = [normalize(w) for w, _, _ in ref]
+    matched, inserted = align(ref_words, normalize(hyp_text).split())
     out = []
     for t in points:
         idx = words_at(ref, t)
@@ -82,10 +93,11 @@ def damage(ref: list[list], hyp_text: str, points: list[float]) -> list[dict]:
 
 def where_in_word(ref: list[list], t: float) -> float | None:
     """Fraction of the word's span before the cut (0: at its start), None outside any word."""
-    for _, a, b in ref:
-        if a <= t < b:
-            return (t - a) / max(b - a, 1e-9)
-    return None
+    i = word_index(ref, t)
+    if i is None:
+        return None
+    _, a, b = ref[i]
+    return (t - a) / max(b - a, 1e-9)
 
 
 def cut_rules(audio: np.ndarray, ref: list[list], search_sec: float = 4.0, every_sec: float = 1.7) -> dict:
