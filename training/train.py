@@ -160,9 +160,14 @@ class Trainer:
 
     def lr_at(self) -> float:
         a = self.a
-        warm = min(1.0, (self.step + 1) / a.warmup)
-        pr = min(self.cpu_s / 3600 / a.planned_cpu_h, 1.0)
-        return a.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * pr)))
+        pr = min(max(self.cpu_s / 3600 - a.cycle_start_cpu_h, 0.0) / a.planned_cpu_h, 1.0)
+        if a.cycle_start_cpu_h == 0:
+            warm = min(1.0, (self.step + 1) / a.warmup)
+            return a.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * pr)))
+        # A later cycle starts from trained weights and warm Adam moments: it rises from the floor over
+        # its first tenth instead of from zero over --warmup steps.
+        rise = min(1.0, pr / 0.1)
+        return a.lr * (0.05 + 0.95 * rise * 0.5 * (1 + math.cos(math.pi * pr)))
 
     def save(self) -> None:
         trained = {
@@ -296,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--planned-cpu-h", type=float, default=12.0, help="cosine schedule length in CPU hours")
+    ap.add_argument(
+        "--cycle-start-cpu-h",
+        type=float,
+        default=0.0,
+        help="stage CPU hours where this cosine cycle starts (a warm restart; 0: the stage's first cycle)",
+    )
     ap.add_argument("--max-frames", type=int, default=5000, help="padded log-mel frames per batch")
     ap.add_argument("--batch-size", type=int, default=16, help="examples per batch (0: --max-frames)")
     ap.add_argument("--ctc", type=float, default=0.3)
