@@ -128,7 +128,8 @@ async def transcribe_streaming(
         ended = False
         done_before = " ".join(f.strip() for f in finals if f.strip())
         while (plan := t.next_step()) is not None or (plan := t.finish_step()) is not None:
-            r = await engine.step(StepRequest(plan.prompt, plan.audio, step_token_budget(plan, 64), name))
+            budget = step_token_budget(plan, 64)
+            r = await engine.step(StepRequest(plan.prompt, plan.audio, budget, name, draft=plan.draft))
             hyps.append(t.apply(plan, r.text).text)
             res.step_latencies.append(r.wall_s)
             # a chunk's step can start once its audio has arrived (the final's once the input ended)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.doc_blocks import replace_block
 from bench.run import percentile
 from bench.vllm_server import ServerProcess
 from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine
@@ -200,12 +201,7 @@ def render(results: dict, docs: Path = DOCS, source: str = "") -> None:
             END,
         ]
     )
-    for name in DOC_FILES:
-        doc = docs / name
-        text = doc.read_text()
-        if BEGIN in text:
-            a, b = text.index(BEGIN), text.index(END) + len(END)
-            doc.write_text(text[:a] + block + text[b:])
+    replace_block(docs, DOC_FILES, BEGIN, END, block)
 
 
 def main(argv: list[str] | None = None) -> None:

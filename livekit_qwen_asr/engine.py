@@ -27,6 +27,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from . import spec_decode
 from .allocator import allocator_advice
 from .errors import (
     EngineError,
@@ -60,6 +61,9 @@ class StepRequest:
     # False sends the audio as one raw item, exactly as the official SDK loop does (the benchmark's
     # baseline); True lets an engine that supports it reuse completed encoder windows (exact).
     reuse_windows: bool = True
+    # Text the step will most likely generate first (StepPlan.draft): an engine with speculative
+    # decoding verifies it instead of decoding it token by token. Never changes the output.
+    draft: str = ""
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,9 @@ class EngineOptions:
     mm_cache_gib: float = 0.25
     # The process-wide engine (get_shared_engine) is restarted this many times when it dies.
     max_restarts: int = 1
+    # Speculative decoding with the stream's previous hypothesis as the draft (spec_decode.py): up to
+    # this many draft tokens verified per forward pass; 0 turns it off. Greedy outputs are unchanged.
+    speculative_tokens: int = 0
     extra: tuple[tuple[str, Any], ...] = ()  # more AsyncEngineArgs, as (name, value) pairs
 
     def __post_init__(self) -> None:
@@ -241,6 +248,9 @@ class EngineOptions:
             raise InvalidOptionError(f"mm_cache_gib must be >= 0, got {self.mm_cache_gib}")
         if self.max_restarts < 0:
             raise InvalidOptionError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        spec = self.speculative_tokens
+        if isinstance(spec, bool) or not isinstance(spec, int) or not 0 <= spec <= 64:
+            raise InvalidOptionError(f"speculative_tokens must be an int in [0, 64], got {spec!r}")
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, int | float) or not 0 < util <= 1:  # NaN too
             raise InvalidOptionError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
@@ -367,6 +377,8 @@ class VLLMEngine:
         self._codec = _HFCodec(self._tokenizer)
         self._template = _load_chat_template(model_dir)
         self._stats = EngineStats()
+        self._passes = spec_decode.PassCounts()
+        self._speculative = False
         self._closed = False
         self._core_log: _EngineCoreLog | None = None
         self._synthetic = synthetic_marker(model_dir)
@@ -389,6 +401,8 @@ class VLLMEngine:
         )
         try:
             engine._bind_loop()
+            if options.speculative_tokens:
+                await engine._bind_proposer()
             if engine._features is not None:
                 await engine._check_window_reuse()
         except BaseException:  # cancelled (or failed) during the probe: do not leak the EngineCore
@@ -436,7 +450,10 @@ class VLLMEngine:
             if core_log is not None:
                 kwargs["logging_config"] = core_log.config
             try:
-                llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+                counts = spec_decode.PassCounts()
+                llm = AsyncLLM.from_engine_args(
+                    AsyncEngineArgs(**kwargs), stat_loggers=[spec_decode.pass_counter_factory(counts)]
+                )
             except Exception as e:
                 tail = core_log.tail() if core_log is not None else ""
                 raise _map_start_error(e, options, cuda=cuda, child_log=tail) from e
@@ -445,6 +462,7 @@ class VLLMEngine:
                     core_log.detach_from_this_process()
             try:
                 engine = cls(llm, options, model_dir, time.perf_counter() - t0)
+                engine._passes = counts
             except BaseException:
                 _shutdown_llm(llm)
                 raise
@@ -456,6 +474,16 @@ class VLLMEngine:
         if not reuse:
             engine._features = None
         return engine, cuda
+
+    async def _bind_proposer(self) -> None:
+        """Hand the draft proposer in each vLLM worker its model runner (spec_decode.py)."""
+        bound = await self._llm.collective_rpc(spec_decode.BIND_METHOD)
+        if not bound or not all(bound):
+            raise EngineUnavailableError(
+                "speculative_tokens: vLLM did not load the previous-text draft proposer "
+                f"({spec_decode.PROPOSER}); start without it (speculative_tokens=0)"
+            )
+        self._speculative = True
 
     def _bind_loop(self) -> None:
         """Built in a thread, AsyncLLM found no running loop and deferred its output handler (and the
@@ -512,10 +540,12 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         audio = _checked_audio(request)
+        draft = self._codec.encode(request.draft) if self._speculative and request.draft else None
         params = SamplingParams(
             temperature=0.0,
             max_tokens=max(1, int(request.max_tokens)),
             logprobs=0 if self._logprobs else None,  # 0: only the sampled token's; greedy unchanged
+            extra_args={spec_decode.DRAFT_KEY: draft} if draft else None,
         )
         started = time.monotonic()  # our feature work counts, as vLLM's does in the raw path
         if self._features is not None and request.reuse_windows and audio.shape[0] >= N_FFT:
@@ -594,6 +624,11 @@ class VLLMEngine:
         except ValueError:
             return sum(item_frames) * HOP / SAMPLE_RATE
         return reencoded_seconds(pos, item_frames, cached)
+
+    @property
+    def pass_counts(self) -> spec_decode.PassCounts:
+        """vLLM's per-step counts since start (forward passes, drafts, accepted tokens; a copy)."""
+        return self._passes.copy()
 
     @property
     def reuses_windows(self) -> bool:
@@ -765,6 +800,13 @@ def _engine_kwargs(
         kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
     if mm_embeds:
         kwargs["enable_mm_embeds"] = True  # precomputed feature items (features.py)
+    if options.speculative_tokens:
+        kwargs["speculative_config"] = {
+            "method": "custom_class",
+            "model": spec_decode.PROPOSER,
+            "num_speculative_tokens": options.speculative_tokens,
+        }
+        kwargs["worker_extension_cls"] = spec_decode.WORKER_EXTENSION
     kwargs.update(dict(options.extra))
     return kwargs
 

@@ -32,6 +32,16 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int, int]:
         return data, w.getframerate(), w.getnchannels()
 
 
+def write_wav(path: str | Path, mono: np.ndarray, rate: int = 16_000) -> Path:
+    """Write int16 mono samples as a 16-bit PCM WAV (what `read_wav` reads)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.asarray(mono, dtype=np.int16).tobytes())
+    return Path(path)
+
+
 def upsample_to_stereo(mono16k: np.ndarray, rate: int = 16_000, out_rate: int = 48_000) -> np.ndarray:
     """Mono int16 at `rate` -> interleaved stereo int16 at `out_rate` (L = R), as WebRTC delivers it."""
     if rate == out_rate:

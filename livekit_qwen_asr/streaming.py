@@ -81,6 +81,10 @@ class StepPlan:
     new_chunks: int  # chunk count this step advances (0 for a finish step)
     final: bool
     seq: int  # state version the plan was made from
+    # The previous decode's text after `prefix` (all of it when there is no prefix): what this step
+    # will most likely write first. Engines may verify it as a speculative draft; it never changes
+    # the output.
+    draft: str = ""
 
     @property
     def audio_seconds(self) -> float:
@@ -197,7 +201,8 @@ class StreamingTranscriber:
         take = n * cs
         audio = np.concatenate([st.audio, st.pending[:take]])
         prefix = "" if st.chunk_id < self._config.unfixed_chunk_num else self._rollback(st.raw_decoded)
-        return StepPlan(self._prompt_raw + prefix, prefix, audio, take, n, False, self._seq)
+        draft = _draft(st.raw_decoded, prefix)
+        return StepPlan(self._prompt_raw + prefix, prefix, audio, take, n, False, self._seq, draft)
 
     def finish_step(self, end: int | None = None) -> StepPlan | None:
         """Plan the finish step over the utterance audio up to `end` (utterance-relative sample; default:
@@ -218,7 +223,14 @@ class StreamingTranscriber:
         else:
             prefix = self._rollback(st.raw_decoded, finish=True)
         return StepPlan(
-            self._prompt_raw + prefix, prefix, audio, max(0, end - st.audio.shape[0]), 0, True, self._seq
+            self._prompt_raw + prefix,
+            prefix,
+            audio,
+            max(0, end - st.audio.shape[0]),
+            0,
+            True,
+            self._seq,
+            _draft(st.raw_decoded, prefix),
         )
 
     def _rollback(self, raw: str, finish: bool = False) -> str:
@@ -274,3 +286,9 @@ class StreamingTranscriber:
         self._state = _UtteranceState(pending=self._state.pending)
         self._last = None
         self._seq += 1
+
+
+def _draft(raw: str, prefix: str) -> str:
+    """The previous decode after the prefix the step's prompt keeps of it (empty if it no longer
+    starts with it, e.g. after a U+FFFD cut)."""
+    return raw[len(prefix) :] if raw.startswith(prefix) else ""

@@ -450,7 +450,9 @@ async def _run_step(
 ) -> StepResult:
     """One engine step with LiveKit error mapping, so the framework's retry logic applies."""
     budget = step_token_budget(plan, opts.max_new_tokens)
-    request = StepRequest(plan.prompt, plan.audio, budget, stream_id, reuse_windows=reuse_windows)
+    request = StepRequest(
+        plan.prompt, plan.audio, budget, stream_id, reuse_windows=reuse_windows, draft=plan.draft
+    )
     # `timeout` is for a step on an otherwise idle engine. Steps in flight share the engine (one
     # batch), so a step that starts beside k others may take (k + 1) x as long: under load, steps
     # slow down instead of timing out and being retried (a retry redoes the work: load grows).

@@ -39,6 +39,8 @@ SURFACES: tuple[Surface, ...] = (
     Surface("vllm.v1.engine.async_llm", "AsyncLLM.generate"),
     Surface("vllm.v1.engine.async_llm", "AsyncLLM.get_tokenizer"),
     Surface("vllm.v1.engine.async_llm", "AsyncLLM.shutdown"),
+    Surface("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc"),  # binds the draft proposer
+    Surface("vllm.v1.metrics.loggers", "StatLoggerBase"),  # spec_decode.PassCounter
     # engine._map_vllm_error recognises these by class name (a dead EngineCore; a wrapped step error)
     Surface("vllm.v1.engine.exceptions", "EngineDeadError"),
     Surface("vllm.v1.engine.exceptions", "EngineGenerateError"),
@@ -56,12 +58,14 @@ ENGINE_ARGS_FIELDS: tuple[str, ...] = (
     "max_num_seqs",
     "gpu_memory_utilization",
     "kv_cache_memory_bytes",
+    "speculative_config",
+    "worker_extension_cls",
 )
 
 # Constructor parameters engine.py passes (SamplingParams) or reads back (the outputs
 # `AsyncLLM.generate` yields, read by VLLMEngine.step).
 PARAMETERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("vllm", "SamplingParams", ("temperature", "max_tokens", "logprobs")),
+    ("vllm", "SamplingParams", ("temperature", "max_tokens", "logprobs", "extra_args")),
     ("vllm.outputs", "RequestOutput", ("prompt_token_ids", "outputs", "num_cached_tokens")),
     ("vllm.outputs", "CompletionOutput", ("text", "token_ids", "logprobs")),
 )

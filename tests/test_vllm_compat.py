@@ -41,11 +41,13 @@ def _fake_vllm(version: str = "9.9.9") -> dict[str, ModuleType]:
 
         def shutdown(self): ...
 
+        async def collective_rpc(self, method): ...
+
     class RequestOutput:
         def __init__(self, request_id, prompt, prompt_token_ids, outputs, num_cached_tokens=None): ...
 
     class SamplingParams:
-        def __init__(self, n=1, temperature=1.0, max_tokens=16, logprobs=None): ...
+        def __init__(self, n=1, temperature=1.0, max_tokens=16, logprobs=None, extra_args=None): ...
 
     @dataclasses.dataclass
     class CompletionOutput:
@@ -67,7 +69,9 @@ def _fake_vllm(version: str = "9.9.9") -> dict[str, ModuleType]:
     outputs = ModuleType("vllm.outputs")
     outputs.RequestOutput = RequestOutput
     outputs.CompletionOutput = CompletionOutput
-    return {m.__name__: m for m in (vllm, async_llm, exceptions, outputs)}
+    loggers = ModuleType("vllm.v1.metrics.loggers")
+    loggers.StatLoggerBase = type("StatLoggerBase", (), {})
+    return {m.__name__: m for m in (vllm, async_llm, exceptions, outputs, loggers)}
 
 
 def _importer(modules: dict[str, ModuleType]):

@@ -43,15 +43,10 @@ def find_chromium() -> str:
 def write_fake_mic_wav(path: str | Path, speech16k: np.ndarray, lead_silence_s: float = 1.0) -> Path:
     """A 16 kHz mono s16 WAV for Chromium's fake microphone: silence first (the page connects
     meanwhile), then the speech."""
-    import wave
+    from ..samples import write_wav
 
     pcm = np.concatenate([np.zeros(int(lead_silence_s * 16000), np.int16), np.asarray(speech16k, np.int16)])
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-    return Path(path)
+    return write_wav(path, pcm)
 
 
 def chromium_flags(fake_mic_wav: str | Path, user_data_dir: str | Path, *, loop: bool = False) -> list[str]:
