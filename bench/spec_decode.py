@@ -12,7 +12,7 @@ in vLLM's own terms (forward passes, drafts proposed and accepted, generated and
    decode time a step saves at the pass reduction part 1 measured.
 
     python -m bench.spec_decode --heldout results/heldout/test --files 40 --tokens 8
-    (scripts/spec_decode.sh generates the held-out set and re-renders docs/performance.md)
+    (`bash scripts/fidelity.sh` writes results/heldout; the run re-renders docs/performance.md's block)
 """
 
 from __future__ import annotations
@@ -40,22 +40,30 @@ BEGIN, END = "<!-- spec-decode:begin -->", "<!-- spec-decode:end -->"
 DOC_FILES = ("performance.md", "performance.template.md")
 
 
-async def _utterance_steps(
+async def _measured_step(engine: VLLMEngine, request: StepRequest) -> dict[str, Any]:
+    """One step's text, wall time and vLLM counts (steps run one at a time, so the engine-wide counts
+    around a step are that step's)."""
+    before = engine.pass_counts
+    r = await engine.step(request)
+    counts = engine.pass_counts.minus(before)
+    return {"text": r.text, "wall_s": r.wall_s, "encoded_s": r.encoded_seconds, **counts.__dict__}
+
+
+async def utterance_steps(
     engine: VLLMEngine, audio: np.ndarray, sid: str
 ) -> tuple[list[dict[str, Any]], str]:
-    """Stream one utterance at the plugin defaults: its final text and, per step, text, wall and
-    counts (steps run one at a time, so the engine-wide counts around a step are that step's)."""
+    """Stream one utterance at the plugin defaults, each step with its draft: the measured steps and
+    the final text."""
     t = StreamingTranscriber(StreamingConfig(), engine.codec, engine.base_prompt)
     t.push_audio(audio)
     steps = []
     while (plan := t.next_step()) is not None or (plan := t.finish_step()) is not None:
-        before = engine.pass_counts
-        r = await engine.step(
-            StepRequest(plan.prompt, plan.audio, step_token_budget(plan, 64), sid, draft=plan.draft)
+        budget = step_token_budget(plan, 64)
+        step = await _measured_step(
+            engine, StepRequest(plan.prompt, plan.audio, budget, sid, draft=plan.draft)
         )
-        c = engine.pass_counts.minus(before)
-        t.apply(plan, r.text)
-        steps.append({"text": r.text, "wall_s": r.wall_s, "encoded_s": r.encoded_seconds, **c.__dict__})
+        t.apply(plan, step["text"])
+        steps.append(step)
         if plan.final:
             break
     engine.release_stream(sid)
@@ -90,6 +98,7 @@ async def trained_model_run(model: str, files: list, tokens: int) -> dict[str, A
     """Part 1: both modes over the same recordings; identical finals required."""
     modes: dict[str, Any] = {}
     finals: dict[str, list[str]] = {}
+    audio = [load_audio(wav) for wav, _ref, _words in files]
     for name, spec in (("plain", 0), ("drafted", tokens)):
         engine = await VLLMEngine.start(
             EngineOptions(model=model, dtype="float32", max_model_len=2048, speculative_tokens=spec)
@@ -98,8 +107,8 @@ async def trained_model_run(model: str, files: list, tokens: int) -> dict[str, A
             steps: list[dict[str, Any]] = []
             finals[name] = []
             t0 = time.perf_counter()
-            for i, (wav, _ref, _words) in enumerate(files):
-                s, final = await _utterance_steps(engine, load_audio(wav), f"u{i}")
+            for i, a in enumerate(audio):
+                s, final = await utterance_steps(engine, a, f"u{i}")
                 finals[name].append(final)
                 steps += s
             modes[name] = _summary(steps, time.perf_counter() - t0)
@@ -109,7 +118,7 @@ async def trained_model_run(model: str, files: list, tokens: int) -> dict[str, A
     p, d = modes["plain"], modes["drafted"]
     return {
         "files": len(files),
-        "audio_s": sum(load_audio(w).shape[0] for w, _r, _x in files) / SAMPLE_RATE,
+        "audio_s": sum(a.shape[0] for a in audio) / SAMPLE_RATE,
         "identical_finals": finals["plain"] == finals["drafted"],
         "wer": wer(refs, finals["drafted"]),
         "modes": modes,
@@ -126,18 +135,13 @@ async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: 
         t.push_audio(audio)
         while (plan := t.next_step()) is not None:
             req = StepRequest(plan.prompt, plan.audio, max_tokens, "cost")
-            await engine.step(dataclasses.replace(req, max_tokens=1))  # warm: the prompt is cached now
-            runs = {}
-            for name, draft_of in (("prefill", None), ("plain", None), ("drafted", "plain")):
-                r_req = dataclasses.replace(
-                    req,
-                    max_tokens=1 if name == "prefill" else max_tokens,
-                    draft=runs[draft_of]["text"] if draft_of else "",
-                )
-                before = engine.pass_counts
-                r = await engine.step(r_req)
-                c = engine.pass_counts.minus(before)
-                runs[name] = {"text": r.text, "wall_s": r.wall_s, **c.__dict__}
+            first = dataclasses.replace(req, max_tokens=1)
+            await engine.step(first)  # warm: the prompt is cached from here on
+            runs = {"prefill": await _measured_step(engine, first)}
+            runs["plain"] = await _measured_step(engine, req)
+            runs["drafted"] = await _measured_step(
+                engine, dataclasses.replace(req, draft=runs["plain"]["text"])
+            )
             t.apply(plan, runs["plain"]["text"])
             rows.append(runs)
     finally:
@@ -174,19 +178,14 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
         ("generated tokens per step", "generated_tokens_per_step", "{:.2f}"),
         ("prefill tokens per step", "prefill_tokens_per_step", "{:.1f}"),
         ("encoder seconds per step", "encoded_s_per_step", "{:.2f}"),
-        ("draft tokens proposed / accepted", None, ""),
-        ("step p50 / p95 (s)", None, ""),
     ):
-        if key:
-            rows.append(f"| {label} | {fmt.format(p[key])} | {fmt.format(d[key])} |")
-        elif label.startswith("draft"):
-            acc = f"{d['draft_tokens']} / {d['accepted_tokens']} ({d['acceptance']:.0%})"
-            rows.append(f"| {label} | - | {acc} |")
-        else:
-            rows.append(
-                f"| {label} | {p['step_p50_s']:.3f} / {p['step_p95_s']:.3f} | "
-                f"{d['step_p50_s']:.3f} / {d['step_p95_s']:.3f} |"
-            )
+        rows.append(f"| {label} | {fmt.format(p[key])} | {fmt.format(d[key])} |")
+    accepted = f"{d['draft_tokens']} / {d['accepted_tokens']} ({d['acceptance']:.0%})"
+    rows.append(f"| draft tokens proposed / accepted | - | {accepted} |")
+    rows.append(
+        f"| step p50 / p95 (s) | {p['step_p50_s']:.3f} / {p['step_p95_s']:.3f} | "
+        f"{d['step_p50_s']:.3f} / {d['step_p95_s']:.3f} |"
+    )
     lines = [
         BEGIN,
         f"Measured with `{report['command']}` on {report['machine']} ({report['date']}): "

@@ -366,7 +366,14 @@ class VLLMEngine:
     # SamplingParams(logprobs=0): vLLM V1 returns the sampled token's logprob (StepResult.token_logprobs)
     _logprobs = True
 
-    def __init__(self, llm: Any, options: EngineOptions, model_dir: Path | None, startup_s: float) -> None:
+    def __init__(
+        self,
+        llm: Any,
+        options: EngineOptions,
+        model_dir: Path | None,
+        startup_s: float,
+        passes: spec_decode.PassCounts,  # what the engine's vLLM stat logger adds to
+    ) -> None:
         # blocking (tokenizer, chat template, feature extractor and its self-check): start() runs it
         # in a thread together with the AsyncLLM construction
         self._llm = llm
@@ -377,7 +384,7 @@ class VLLMEngine:
         self._codec = _HFCodec(self._tokenizer)
         self._template = _load_chat_template(model_dir)
         self._stats = EngineStats()
-        self._passes = spec_decode.PassCounts()
+        self._passes = passes
         self._speculative = False
         self._closed = False
         self._core_log: _EngineCoreLog | None = None
@@ -461,8 +468,7 @@ class VLLMEngine:
                 if core_log is not None:
                     core_log.detach_from_this_process()
             try:
-                engine = cls(llm, options, model_dir, time.perf_counter() - t0)
-                engine._passes = counts
+                engine = cls(llm, options, model_dir, time.perf_counter() - t0, counts)
             except BaseException:
                 _shutdown_llm(llm)
                 raise

@@ -18,6 +18,7 @@ vLLM plumbing (0.32 and 0.33 alike):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +121,7 @@ class PassCounts:
         return PassCounts(**{k: getattr(self, k) - getattr(other, k) for k in self.__dataclass_fields__})
 
     def copy(self) -> PassCounts:
-        return PassCounts(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        return dataclasses.replace(self)
 
 
 def pass_counter_factory(counts: PassCounts) -> Any:

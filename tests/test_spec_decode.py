@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench import spec_decode
 from livekit_qwen_asr import test_model as tm
-from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine, _engine_kwargs
+from livekit_qwen_asr.engine import EngineOptions, VLLMEngine, _engine_kwargs
 from livekit_qwen_asr.errors import InvalidOptionError
 from livekit_qwen_asr.samples import read_wav, write_wav
 from livekit_qwen_asr.spec_decode import PROPOSER, WORKER_EXTENSION, PassCounts, draft_continuation
 from livekit_qwen_asr.streaming import SAMPLE_RATE, StreamingConfig, StreamingTranscriber
-from livekit_qwen_asr.stt import step_token_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_PY = ROOT / ".venv-official" / "bin" / "python"
@@ -72,22 +72,13 @@ def test_the_option_configures_vllms_custom_proposer():
 
 
 async def _stream_steps(engine: VLLMEngine, audio: np.ndarray, utterance_s: float) -> list[str]:
-    """Every step's generated text over `audio`, cut into utterances of `utterance_s` (plugin defaults
-    otherwise: 2 s chunks, no prefix for 2 chunks, K = 5)."""
-    texts: list[str] = []
-    t = StreamingTranscriber(StreamingConfig(), engine.codec, engine.base_prompt)
+    """Every step's generated text over `audio`, cut into utterances of `utterance_s`, each streamed
+    at the plugin defaults (2 s chunks, no prefix for 2 chunks, K = 5) with its drafts."""
     cut = int(utterance_s * SAMPLE_RATE)
+    texts: list[str] = []
     for start in range(0, audio.shape[0], cut):
-        t.push_audio(audio[start : start + cut])
-        while (plan := t.next_step()) is not None or (plan := t.finish_step()) is not None:
-            budget = step_token_budget(plan, 64)
-            r = await engine.step(StepRequest(plan.prompt, plan.audio, budget, "s", draft=plan.draft))
-            texts.append(r.text)
-            t.apply(plan, r.text)
-            if plan.final:
-                break
-        t.reset()
-        engine.release_stream("s")
+        steps, _final = await spec_decode.utterance_steps(engine, audio[start : start + cut], "s")
+        texts += [s["text"] for s in steps]
     return texts
 
 
@@ -131,8 +122,6 @@ def test_the_benchmark_counts_passes_and_renders_its_table(tmp_path):
     """Smoke run of bench/spec_decode.py on the bundled in-domain recording (whole, ~10 s: steps with
     drafts; and its first sentence, under one chunk: a finish step only) with the tiny checkpoint for
     the pass costs, and its docs block."""
-    from bench import spec_decode
-
     ref = json.loads((ROOT / "livekit_qwen_asr" / "assets" / "test_model_speech.json").read_text())
     pcm, _, _ = read_wav(ROOT / "livekit_qwen_asr" / "assets" / "test_model_speech.wav")
     folder = tmp_path / "recordings"
