@@ -2,17 +2,21 @@
 in vLLM's own terms (forward passes, drafts proposed and accepted, generated and prefill tokens).
 
 1. **Trained test model** (the model stops by itself and consecutive steps mostly agree, so drafts
-   behave as with a real model): held-out recordings streamed one utterance each at the plugin
-   defaults, on two engines alike but for `speculative_tokens`. Finals and generated tokens must be
-   identical; per step: forward passes, drafts, accepted tokens, prefill tokens, encoder seconds, wall.
+   behave as with a real model), streamed at the plugin defaults on two engines alike but for
+   `speculative_tokens`: held-out recordings (one short utterance each: its first step has no draft)
+   and pause-free held-out speech cut every 30 s as the plugin cuts it (most steps have a draft).
+   Finals and generated tokens must be identical; per step: forward passes, drafts, accepted tokens,
+   prefill tokens, encoder seconds, wall.
 2. **0.6B-shaped checkpoint** (random weights, real compute): the cost of a forward pass. Each step of
    a streamed utterance is run with its prompt fully cached (a warm-up call first), so what is timed
    is decoding: once plainly (one pass per token) and once with its own output as the draft (every
-   draft token accepted: the upper bound). Gives ms per decode pass, ms per verification pass, and the
-   decode time a step saves at the pass reduction part 1 measured.
+   draft token accepted: the upper bound), and plainly on an engine without speculative decoding.
+   Gives ms per decode pass on each engine, ms per verification pass, and the decode time a step
+   saves at the counts part 1 measured.
 
     python -m bench.spec_decode --heldout results/heldout/test --files 40 --tokens 8
-    (`bash scripts/fidelity.sh` writes results/heldout; the run re-renders docs/performance.md's block)
+    (`bash scripts/fidelity.sh` or `bash scripts/bench.sh` writes results/heldout and
+    results/forced-cuts/speech.wav; the run re-renders docs/performance.md's block)
 """
 
 from __future__ import annotations
@@ -94,40 +98,50 @@ def _summary(steps: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     }
 
 
-async def trained_model_run(model: str, files: list, tokens: int) -> dict[str, Any]:
-    """Part 1: both modes over the same recordings; identical finals required."""
-    modes: dict[str, Any] = {}
-    finals: dict[str, list[str]] = {}
-    audio = [load_audio(wav) for wav, _ref, _words in files]
-    for name, spec in (("plain", 0), ("drafted", tokens)):
+async def trained_model_run(model: str, sets: dict[str, list[np.ndarray]], tokens: int) -> dict[str, Any]:
+    """Part 1: every set's utterances in both modes, one engine per mode; identical finals required."""
+    runs: dict[str, dict[str, tuple[list[dict[str, Any]], list[str], float]]] = {name: {} for name in sets}
+    for mode, spec in (("plain", 0), ("drafted", tokens)):
         engine = await VLLMEngine.start(
             EngineOptions(model=model, dtype="float32", max_model_len=2048, speculative_tokens=spec)
         )
         try:
-            steps: list[dict[str, Any]] = []
-            finals[name] = []
-            t0 = time.perf_counter()
-            for i, a in enumerate(audio):
-                s, final = await utterance_steps(engine, a, f"u{i}")
-                finals[name].append(final)
-                steps += s
-            modes[name] = _summary(steps, time.perf_counter() - t0)
+            for name, utterances in sets.items():
+                steps: list[dict[str, Any]] = []
+                finals: list[str] = []
+                t0 = time.perf_counter()
+                for i, a in enumerate(utterances):
+                    s, final = await utterance_steps(engine, a, f"{name}-{i}")
+                    finals.append(final)
+                    steps += s
+                runs[name][mode] = (steps, finals, time.perf_counter() - t0)
         finally:
             await engine.aclose()
-    refs = [ref for _w, ref, _x in files]
-    p, d = modes["plain"], modes["drafted"]
-    return {
-        "files": len(files),
-        "audio_s": sum(a.shape[0] for a in audio) / SAMPLE_RATE,
-        "identical_finals": finals["plain"] == finals["drafted"],
-        "wer": wer(refs, finals["drafted"]),
-        "modes": modes,
-        "pass_ratio": d["forward_passes_per_step"] / p["forward_passes_per_step"],
-    }
+    out: dict[str, Any] = {}
+    for name, utterances in sets.items():
+        modes = {mode: _summary(steps, wall) for mode, (steps, _f, wall) in runs[name].items()}
+        out[name] = {
+            "utterances": len(utterances),
+            "audio_s": sum(a.shape[0] for a in utterances) / SAMPLE_RATE,
+            "identical_finals": runs[name]["plain"][1] == runs[name]["drafted"][1],
+            "finals": runs[name]["drafted"][1],
+            "modes": modes,
+            "pass_ratio": modes["drafted"]["forward_passes_per_step"]
+            / modes["plain"]["forward_passes_per_step"],
+        }
+    return out
 
 
-async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: int) -> dict[str, Any]:
-    """Part 2: ms per decode pass and per verification pass with every draft token accepted."""
+def pause_free_utterances(wav: Path, max_utterance_s: float) -> list[np.ndarray]:
+    """Pause-free speech as the plugin streams it: utterances cut every `max_utterance_s` seconds."""
+    audio = load_audio(wav)
+    cut = int(max_utterance_s * SAMPLE_RATE)
+    return [audio[i : i + cut] for i in range(0, audio.shape[0], cut)]
+
+
+async def _decode_cost_rows(model: str, audio: np.ndarray, tokens: int, max_tokens: int) -> list[dict]:
+    """Each step of one streamed utterance with its prompt cached: the prefill-only call, plain
+    decoding, and (engine with `tokens` > 0) decoding with its own plain output as the draft."""
     engine = await VLLMEngine.start(EngineOptions(model=model, max_model_len=4096, speculative_tokens=tokens))
     rows = []
     try:
@@ -139,18 +153,32 @@ async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: 
             await engine.step(first)  # warm: the prompt is cached from here on
             runs = {"prefill": await _measured_step(engine, first)}
             runs["plain"] = await _measured_step(engine, req)
-            runs["drafted"] = await _measured_step(
-                engine, dataclasses.replace(req, draft=runs["plain"]["text"])
-            )
+            if tokens:
+                runs["drafted"] = await _measured_step(
+                    engine, dataclasses.replace(req, draft=runs["plain"]["text"])
+                )
             t.apply(plan, runs["plain"]["text"])
             rows.append(runs)
     finally:
         await engine.aclose()
-    pre = sum(r["prefill"]["wall_s"] for r in rows)
-    plain_wall = sum(r["plain"]["wall_s"] for r in rows) - pre
-    drafted_wall = sum(r["drafted"]["wall_s"] for r in rows) - pre
-    plain_passes = sum(r["plain"]["forward_passes"] - 1 for r in rows)
-    drafted_passes = sum(r["drafted"]["forward_passes"] - 1 for r in rows)
+    return rows
+
+
+def _ms_per_pass(rows: list[dict], mode: str) -> tuple[float, int, float]:
+    """Decode wall (prefill call subtracted), passes after the prefill pass, ms per pass."""
+    wall = sum(r[mode]["wall_s"] - r["prefill"]["wall_s"] for r in rows)
+    passes = sum(r[mode]["forward_passes"] - 1 for r in rows)
+    return wall, passes, 1000 * wall / passes
+
+
+async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: int) -> dict[str, Any]:
+    """Part 2: ms per decode pass on an engine without speculative decoding, and on one with it: per
+    plain decode pass and per verification pass with every draft token accepted."""
+    base = await _decode_cost_rows(model, audio, 0, max_tokens)
+    rows = await _decode_cost_rows(model, audio, tokens, max_tokens)
+    base_wall, _, base_ms = _ms_per_pass(base, "plain")
+    plain_wall, _, plain_ms = _ms_per_pass(rows, "plain")
+    drafted_wall, drafted_passes, drafted_ms = _ms_per_pass(rows, "drafted")
     gen = sum(r["plain"]["generation_tokens"] - 1 for r in rows)
     return {
         "steps": len(rows),
@@ -158,50 +186,76 @@ async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: 
         "identical": all(r["plain"]["text"] == r["drafted"]["text"] for r in rows),
         "accepted_tokens": sum(r["drafted"]["accepted_tokens"] for r in rows),
         "draft_tokens": sum(r["drafted"]["draft_tokens"] for r in rows),
-        "ms_per_decode_pass": 1000 * plain_wall / plain_passes,
-        "ms_per_verification_pass": 1000 * drafted_wall / drafted_passes,
+        "ms_per_decode_pass_no_spec_engine": base_ms,
+        "ms_per_decode_pass": plain_ms,
+        "ms_per_verification_pass": drafted_ms,
         "tokens_per_verification_pass": gen / drafted_passes,
         "decode_time_ratio_all_accepted": drafted_wall / plain_wall,
+        "decode_time_ratio_vs_no_spec_engine": drafted_wall / base_wall,
     }
+
+
+SET_LABELS = {"heldout": "held-out sentences", "long_speech": "pause-free speech, cut at 30 s"}
 
 
 def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
     """The table between the spec-decode markers of docs/performance.md (and its template)."""
     tm, cost = report["trained_model"], report.get("pass_cost")
-    p, d = tm["modes"]["plain"], tm["modes"]["drafted"]
-    rows = [
-        "| trained test model, plugin defaults | plain | previous hypothesis as draft |",
-        "|---|---|---|",
-    ]
+    names = [n for n in SET_LABELS if n in tm]
+    header = "| trained test model, plugin defaults |"
+    for n in names:
+        header += f" {SET_LABELS[n]}: plain | drafts |"
+    rows = [header, "|---|" + "---|---|" * len(names)]
     for label, key, fmt in (
         ("forward passes per step", "forward_passes_per_step", "{:.2f}"),
         ("generated tokens per step", "generated_tokens_per_step", "{:.2f}"),
         ("prefill tokens per step", "prefill_tokens_per_step", "{:.1f}"),
         ("encoder seconds per step", "encoded_s_per_step", "{:.2f}"),
+        ("verification passes per step (a draft in it)", "drafts_per_step", "{:.2f}"),
     ):
-        rows.append(f"| {label} | {fmt.format(p[key])} | {fmt.format(d[key])} |")
-    accepted = f"{d['draft_tokens']} / {d['accepted_tokens']} ({d['acceptance']:.0%})"
-    rows.append(f"| draft tokens proposed / accepted | - | {accepted} |")
-    rows.append(
-        f"| step p50 / p95 (s) | {p['step_p50_s']:.3f} / {p['step_p95_s']:.3f} | "
-        f"{d['step_p50_s']:.3f} / {d['step_p95_s']:.3f} |"
-    )
+        cells = [fmt.format(tm[n]["modes"][m][key]) for n in names for m in ("plain", "drafted")]
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for n in names:
+        d = tm[n]["modes"]["drafted"]
+        cells += ["-", f"{d['draft_tokens']} / {d['accepted_tokens']} ({d['acceptance']:.0%})"]
+    rows.append("| draft tokens proposed / accepted | " + " | ".join(cells) + " |")
+    cells = [
+        f"{tm[n]['modes'][m]['step_p50_s']:.3f} / {tm[n]['modes'][m]['step_p95_s']:.3f}"
+        for n in names
+        for m in ("plain", "drafted")
+    ]
+    rows.append("| step p50 / p95 (s) | " + " | ".join(cells) + " |")
+    h = tm["heldout"]
+    sets = f"{h['utterances']} held-out recordings ({h['audio_s']:.0f} s, one utterance each)"
+    if "long_speech" in tm:
+        ls = tm["long_speech"]
+        sets += f" and {ls['audio_s']:.0f} s of pause-free held-out speech ({ls['utterances']} utterances)"
     lines = [
         BEGIN,
-        f"Measured with `{report['command']}` on {report['machine']} ({report['date']}): "
-        f"{tm['files']} held-out recordings ({tm['audio_s']:.0f} s), one utterance each, {report['tokens']} "
-        f"draft tokens per pass at most; finals identical: **{tm['identical_finals']}** "
-        f"(streaming WER {tm['wer']:.1%}).",
+        f"Measured with `{report['command']}` on {report['machine']} ({report['date']}): {sets}, "
+        f"{report['tokens']} draft tokens per pass at most; finals identical: "
+        + ", ".join(f"**{tm[n]['identical_finals']}**" for n in names)
+        + f" (held-out streaming WER {h['wer']:.1%}).",
         "",
         *rows,
         "",
-        f"Forward passes per step with drafts: **x{tm['pass_ratio']:.2f}** of plain decoding.",
+        "Forward passes per step with drafts: "
+        + ", ".join(f"**x{tm[n]['pass_ratio']:.2f}** ({SET_LABELS[n]})" for n in names)
+        + " of plain decoding.",
     ]
+    # the decode-time estimate uses the set closest to continuous speech
+    p, d = tm[names[-1]]["modes"]["plain"], tm[names[-1]]["modes"]["drafted"]
     if cost:
         # a step's decode passes (after the prefill pass) at the test model's counts, priced at the
-        # 0.6B pass costs: drafted steps mix verification passes (one per draft) and plain ones
-        dec, ver = cost["ms_per_decode_pass"], cost["ms_per_verification_pass"]
-        plain_ms = (p["forward_passes_per_step"] - 1) * dec
+        # 0.6B pass costs: plain steps at the engine without speculative decoding, drafted ones at
+        # the spec engine's (its plain passes may carry the spec machinery's overhead)
+        base, dec, ver = (
+            cost["ms_per_decode_pass_no_spec_engine"],
+            cost["ms_per_decode_pass"],
+            cost["ms_per_verification_pass"],
+        )
+        plain_ms = (p["forward_passes_per_step"] - 1) * base
         drafts = d["drafts_per_step"]
         drafted_ms = drafts * ver + (d["forward_passes_per_step"] - 1 - drafts) * dec
         saved = 1 - drafted_ms / plain_ms
@@ -209,12 +263,14 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
             "",
             f"{cost['preset']}-shaped synthetic checkpoint ({cost['steps']} steps, prompts cached so "
             "only decoding is timed, "
-            f"outputs identical: {cost['identical']}): **{cost['ms_per_decode_pass']:.0f} ms** per decode "
-            f"pass, **{cost['ms_per_verification_pass']:.0f} ms** per verification pass carrying "
-            f"{cost['tokens_per_verification_pass']:.1f} tokens when every draft token is accepted "
-            f"({cost['accepted_tokens']}/{cost['draft_tokens']}); decode time x"
-            f"{cost['decode_time_ratio_all_accepted']:.2f}. At the test model's pass ratio a step's decode "
-            f"time would be about {saved:.0%} shorter (passes after the prefill pass, priced at these "
+            f"outputs identical: {cost['identical']}): **{base:.0f} ms** per decode pass on an engine "
+            f"without speculative decoding; with it, **{dec:.0f} ms** per plain decode pass and "
+            f"**{ver:.0f} ms** per verification pass carrying {cost['tokens_per_verification_pass']:.1f} "
+            f"tokens when every draft token is accepted ({cost['accepted_tokens']}/{cost['draft_tokens']}); "
+            f"decode time x{cost['decode_time_ratio_vs_no_spec_engine']:.2f} of the engine without it. "
+            f"At the test model's counts ({SET_LABELS[names[-1]]}) a step's decode time would be about "
+            f"{saved:.0%} "
+            f"{'shorter' if saved >= 0 else 'longer'} (passes after the prefill pass, priced at these "
             "costs).",
         ]
     lines.append(END)
@@ -224,19 +280,25 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    from livekit_qwen_asr.stt import STTOptions
     from livekit_qwen_asr.synthetic import ensure_checkpoint
     from livekit_qwen_asr.test_model import ensure_test_model
 
     files = dataset(args.heldout)[: args.files]
+    sets = {"heldout": [load_audio(w) for w, _r, _x in files]}
+    if args.long_speech:
+        sets["long_speech"] = pause_free_utterances(args.long_speech, STTOptions().max_utterance_sec)
+    trained = await trained_model_run(str(ensure_test_model()), sets, args.tokens)
+    trained["heldout"]["wer"] = wer([ref for _w, ref, _x in files], trained["heldout"]["finals"])
     report: dict[str, Any] = {
         "command": "python -m bench.spec_decode " + " ".join(args.argv),
         "machine": f"{platform.machine()} cpus={os.cpu_count()}",
         "date": time.strftime("%Y-%m-%d"),
         "tokens": args.tokens,
-        "trained_model": await trained_model_run(str(ensure_test_model()), files, args.tokens),
+        "trained_model": trained,
     }
     if args.cost_preset != "none":
-        audio = np.concatenate([load_audio(w) for w, _r, _x in files])[: int(args.cost_seconds * SAMPLE_RATE)]
+        audio = np.concatenate(sets["heldout"])[: int(args.cost_seconds * SAMPLE_RATE)]
         model = str(ensure_checkpoint(args.cost_preset))
         cost = await pass_cost_run(model, audio, args.tokens, args.cost_max_tokens)
         report["pass_cost"] = {"preset": args.cost_preset, **cost}
@@ -249,6 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heldout", type=Path, default=ROOT / "results" / "heldout" / "test")
     ap.add_argument("--files", type=int, default=40)
+    ap.add_argument(
+        "--long-speech",
+        default=str(ROOT / "results" / "forced-cuts" / "speech.wav"),
+        help="pause-free speech streamed as the plugin cuts it (training.long_speech); '' to skip",
+    )
     ap.add_argument("--tokens", type=int, default=8, help="draft tokens per verification pass at most")
     ap.add_argument("--cost-preset", default="0.6b", choices=["0.6b", "tiny", "none"])
     ap.add_argument("--cost-seconds", type=float, default=12.0, help="audio of the pass-cost utterance")
@@ -257,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-render", action="store_true")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.long_speech = Path(args.long_speech) if args.long_speech.strip() else None
     report = asyncio.run(amain(args))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))

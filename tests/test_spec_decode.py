@@ -120,8 +120,8 @@ async def test_drafted_steps_write_exactly_what_plain_decoding_writes(tmp_path):
 @pytest.mark.timeout(900)
 def test_the_benchmark_counts_passes_and_renders_its_table(tmp_path):
     """Smoke run of bench/spec_decode.py on the bundled in-domain recording (whole, ~10 s: steps with
-    drafts; and its first sentence, under one chunk: a finish step only) with the tiny checkpoint for
-    the pass costs, and its docs block."""
+    drafts; and its first sentence, under one chunk: a finish step only; the whole one again as the
+    pause-free set) with the tiny checkpoint for the pass costs, and its docs block."""
     ref = json.loads((ROOT / "livekit_qwen_asr" / "assets" / "test_model_speech.json").read_text())
     pcm, _, _ = read_wav(ROOT / "livekit_qwen_asr" / "assets" / "test_model_speech.wav")
     folder = tmp_path / "recordings"
@@ -133,20 +133,25 @@ def test_the_benchmark_counts_passes_and_renders_its_table(tmp_path):
     (folder / "b-first.txt").write_text(first["text"])
     out = tmp_path / "out"
     spec_decode.main(
-        ["--heldout", str(folder), "--files", "2", "--cost-preset", "tiny", "--cost-seconds", "5"]
-        + ["--cost-max-tokens", "8", "--out", str(out), "--no-render"]
+        ["--heldout", str(folder), "--files", "2", "--long-speech", str(folder / "a-whole.wav")]
+        + ["--cost-preset", "tiny", "--cost-seconds", "5", "--cost-max-tokens", "8"]
+        + ["--out", str(out), "--no-render"]
     )
     report = json.loads((out / "report.json").read_text())
     tm_run, cost = report["trained_model"], report["pass_cost"]
-    assert tm_run["files"] == 2 and tm_run["identical_finals"]
-    plain, drafted = tm_run["modes"]["plain"], tm_run["modes"]["drafted"]
-    assert plain["generated_tokens_per_step"] == drafted["generated_tokens_per_step"]
-    assert drafted["accepted_tokens"] > 0 and tm_run["pass_ratio"] < 1
+    held, long = tm_run["heldout"], tm_run["long_speech"]
+    assert held["utterances"] == 2 and held["identical_finals"] and long["identical_finals"]
+    assert long["utterances"] == 1 and long["finals"] == held["finals"][:1]  # the same recording
+    for run in (held, long):
+        plain, drafted = run["modes"]["plain"], run["modes"]["drafted"]
+        assert plain["generated_tokens_per_step"] == drafted["generated_tokens_per_step"]
+        assert drafted["accepted_tokens"] > 0 and run["pass_ratio"] < 1
     assert cost["identical"] and cost["accepted_tokens"] > 0
-    assert cost["tokens_per_verification_pass"] > 1
+    assert cost["tokens_per_verification_pass"] > 1 and cost["ms_per_decode_pass_no_spec_engine"] > 0
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "performance.md").write_text(f"before\n{spec_decode.BEGIN}\nold\n{spec_decode.END}\nafter\n")
     block = spec_decode.render(report, docs)
     assert (docs / "performance.md").read_text() == f"before\n{block}\nafter\n"
-    assert f"x{tm_run['pass_ratio']:.2f}" in block and "finals identical: **True**" in block
+    assert f"x{held['pass_ratio']:.2f}" in block and f"x{long['pass_ratio']:.2f}" in block
+    assert "finals identical: **True**, **True**" in block

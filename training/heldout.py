@@ -1,7 +1,7 @@
 """Write the held-out sets as folders of `name.wav` + `name.txt` (+ `name.words.json`: each word with
 its start and end second, as espeak-ng placed it), the input of bench/fidelity.py.
 
-    .venv-official/bin/python -m training.heldout [--n 40] [--out results/heldout]
+    .venv-official/bin/python -m training.heldout [--n 40] [--out results/heldout] [--sets test ...]
 
 Sets (training.corpus.SPLITS): `test` (new sentences, seen voices), `test_unseen` (new sentences,
 voice variants never trained on), `test_noise` (new sentences, seen voices, noise on every example).
@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.heldout", description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=40, help="recordings per set")
     ap.add_argument("--out", type=Path, default=Path("results/heldout"))
+    ap.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS), help="which sets to write")
     a = ap.parse_args(argv)
-    for split in SETS:
+    for split in a.sets:
         print(split, write_set(split, a.out / split, a.n), "recordings ->", a.out / split)
     return 0
 
