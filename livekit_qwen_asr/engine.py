@@ -50,6 +50,10 @@ from .prompt import AUDIO_PLACEHOLDER, chatml_base_prompt
 from .streaming import SAMPLE_RATE, TokenCodec
 
 DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
+# KV block on CPU: smaller than vLLM's CPU default (128) so that the prefix cache serves more of each
+# step's prompt: a quarter fewer prefill tokens, the same step time on 2 cores, identical outputs in
+# float32 (bench/cpu_knobs.py, docs/performance.md); on faster hardware prefill weighs more
+CPU_KV_BLOCK_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -220,6 +224,10 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.3
     max_num_seqs: int | None = None  # concurrent sequences per batch; vLLM default
     cpu_threads: str | None = None  # CPU only: cores for OMP, e.g. "0-1"; default all cores
+    # KV cache block, in tokens (a multiple of 16). The prefix cache reuses whole blocks only, so
+    # smaller blocks serve more of each step's prompt from the cache. None: CPU_KV_BLOCK_TOKENS on
+    # CPU (32, not vLLM's CPU default of 128), vLLM's default on GPU.
+    kv_block_tokens: int | None = None
     enforce_eager: bool | None = None  # default True on CPU (fast start), False on GPU
     enable_prefix_caching: bool = True
     # Exact reuse of completed 8 s encoder windows across steps (features.py); needs prefix caching.
@@ -251,6 +259,11 @@ class EngineOptions:
         spec = self.speculative_tokens
         if isinstance(spec, bool) or not isinstance(spec, int) or not 0 <= spec <= 64:
             raise InvalidOptionError(f"speculative_tokens must be an int in [0, 64], got {spec!r}")
+        block = self.kv_block_tokens
+        if block is not None and (
+            isinstance(block, bool) or not isinstance(block, int) or block < 16 or block % 16
+        ):
+            raise InvalidOptionError(f"kv_block_tokens must be a positive multiple of 16, got {block!r}")
         util = self.gpu_memory_utilization
         if isinstance(util, bool) or not isinstance(util, int | float) or not 0 < util <= 1:  # NaN too
             raise InvalidOptionError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
@@ -797,6 +810,8 @@ def _engine_kwargs(
     )
     if options.max_num_seqs is not None:
         kwargs["max_num_seqs"] = options.max_num_seqs
+    if block := options.kv_block_tokens or (None if cuda else CPU_KV_BLOCK_TOKENS):
+        kwargs["block_size"] = block
     if cuda:
         kwargs["gpu_memory_utilization"] = options.gpu_memory_utilization
         if options.kv_cache_gib is not None:

@@ -56,6 +56,7 @@ ENGINE_ARGS_FIELDS: tuple[str, ...] = (
     "enforce_eager",
     "mm_processor_cache_gb",
     "max_num_seqs",
+    "block_size",
     "gpu_memory_utilization",
     "kv_cache_memory_bytes",
     "speculative_config",

@@ -19,7 +19,9 @@ args=(--model "$MODEL" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"
       --enable-prompt-tokens-details  # clients see their prefix-cache hits (EngineStats.cached_tokens)
       --enable-scale-out --enable-mm-embeds)  # /inference/v1/generate with encoder windows (window reuse)
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  args+=(--enforce-eager)  # CPU: no graph capture (fast start)
+  # CPU: no graph capture (fast start); 32-token KV blocks as the in-process engine uses (vLLM's CPU
+  # default of 128 leaves more of each prompt outside the prefix cache: docs/performance.md)
+  args+=(--enforce-eager --block-size 32)
 fi
 [ -n "${API_KEY:-}" ] && args+=(--api-key "$API_KEY")
 echo "serving $MODEL on http://${HOST:-127.0.0.1}:${PORT:-8000} (STT(base_url=...))" >&2

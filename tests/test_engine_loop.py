@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from livekit_qwen_asr.engine import (
+    CPU_KV_BLOCK_TOKENS,
     EngineOptions,
     StepRequest,
     VLLMEngine,
@@ -214,6 +215,18 @@ def test_gpu_memory_utilization_reaches_vllm_on_cuda_only():
     cpu = _engine_kwargs(options, cuda=False, kv_env=False)
     assert "gpu_memory_utilization" not in cpu and cpu["kv_cache_memory_bytes"] == 2 * 2**30
     assert _engine_kwargs(EngineOptions(), cuda=True, kv_env=False)["gpu_memory_utilization"] == 0.3
+
+
+# -- issue #15: KV block size ----------------------------------------------------------------------
+def test_kv_block_tokens_is_validated_and_defaults_to_the_measured_cpu_block():
+    for bad in (0, 8, 24, -16, True, 32.0, "32"):
+        with pytest.raises(InvalidOptionError, match="kv_block_tokens"):
+            EngineOptions(kv_block_tokens=bad)
+    assert _engine_kwargs(EngineOptions(), cuda=False, kv_env=False)["block_size"] == CPU_KV_BLOCK_TOKENS
+    assert "block_size" not in _engine_kwargs(EngineOptions(), cuda=True, kv_env=False)  # vLLM's own
+    for cuda in (False, True):
+        kw = _engine_kwargs(EngineOptions(kv_block_tokens=128), cuda=cuda, kv_env=False)
+        assert kw["block_size"] == 128
 
 
 # vLLM 0.32's own texts (v1/core/kv_cache_utils.py, v1/worker/utils.py, v1/worker/gpu_worker.py)
