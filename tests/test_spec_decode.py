@@ -146,6 +146,7 @@ def test_the_benchmark_counts_passes_and_renders_its_table(tmp_path):
         plain, drafted = run["modes"]["plain"], run["modes"]["drafted"]
         assert plain["generated_tokens_per_step"] == drafted["generated_tokens_per_step"]
         assert drafted["accepted_tokens"] > 0 and run["pass_ratio"] < 1
+        assert drafted["passes_if_drafts_all_accepted"] <= drafted["forward_passes_per_step"]
     assert cost["identical"] and cost["accepted_tokens"] > 0
     assert cost["tokens_per_verification_pass"] > 1 and cost["ms_per_decode_pass_no_spec_engine"] > 0
     docs = tmp_path / "docs"
