@@ -38,30 +38,32 @@ import numpy as np
 
 from bench import driver
 from bench.doc_blocks import replace_block
-from livekit_qwen_asr.engine import CPU_KV_BLOCK_TOKENS
+from livekit_qwen_asr.engine import CPU_KV_BLOCK_TOKENS, CPU_SPECULATIVE_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- cpu-knobs:begin -->", "<!-- cpu-knobs:end -->"  # one setting at a time
 PAIRED_BEGIN, PAIRED_END = "<!-- cpu-knobs-paired:begin -->", "<!-- cpu-knobs-paired:end -->"
 DOC_FILES = ("performance.md", "performance.template.md")
 
-# name -> (what it changes, EngineOptions fields, OMP cores: None = the plugin's default, all)
-SETTINGS: dict[str, tuple[str, dict[str, Any], str | None]] = {
-    "default": (f"bf16, KV block {CPU_KV_BLOCK_TOKENS}, OMP on all cores (the plugin's defaults)", {}, None),
-    "block128": ("KV block 128 tokens (vLLM's CPU default)", {"kv_block_tokens": 128}, None),
-    "block64": ("KV block 64 tokens", {"kv_block_tokens": 64}, None),
-    "omp1": ("OMP on one core", {}, "0"),
-    "fp32": ("float32", {"dtype": "float32"}, None),
+# name -> (what it changes, EngineOptions fields)
+SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": (
+        f"bf16, KV block {CPU_KV_BLOCK_TOKENS}, speculative decoding ({CPU_SPECULATIVE_TOKENS} draft "
+        "tokens), OMP on all cores (the plugin's defaults)",
+        {},
+    ),
+    "nospec": ("speculative decoding off", {"speculative_tokens": 0}),
+    "block128": ("KV block 128 tokens (vLLM's CPU default)", {"kv_block_tokens": 128}),
+    "block64": ("KV block 64 tokens", {"kv_block_tokens": 64}),
+    "omp1": ("OMP on one core", {"cpu_threads": "0"}),
+    "fp32": ("float32", {"dtype": "float32"}),
 }
 
 
 async def start_engine(model: str, name: str, dtype: str, kv_cache_gib: float):
     from livekit_qwen_asr.engine import EngineOptions, VLLMEngine
 
-    _label, fields, cores = SETTINGS[name]
-    # the engine only sets the OMP binding when it is unset; each setting starts its own EngineCore
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cores or f"0-{(os.cpu_count() or 1) - 1}"
-    fields = {"dtype": dtype, **fields}
+    fields = {"dtype": dtype, **SETTINGS[name][1]}
     options = EngineOptions(model=model, max_model_len=4096, kv_cache_gib=kv_cache_gib, **fields)
     return await VLLMEngine.start(options)
 
@@ -82,7 +84,8 @@ class TakingTurns:
             return await self._engine.step(request)
 
 
-def summarize(engine, records: list) -> dict:
+def summarize(engine, records: list, counts) -> dict:
+    """`counts`: the engine's vLLM pass counts over `records` (spec_decode.PassCounts)."""
     walls = [r.wall_s for r in records]
     return {
         "engine_start_s": engine.startup_s,
@@ -92,6 +95,9 @@ def summarize(engine, records: list) -> dict:
         "steps_total_s": float(sum(walls)),
         "prefill_tokens_per_step": float(np.mean([r.prompt_tokens - r.cached_tokens for r in records])),
         "generated": [r.generated for r in records],
+        "forward_passes_per_step": counts.forward_passes / max(1, len(records)),
+        "draft_tokens": counts.draft_tokens,
+        "accepted_tokens": counts.accepted_tokens,
     }
 
 
@@ -102,10 +108,12 @@ async def one_at_a_time(model: str, args: argparse.Namespace, audio: np.ndarray,
         engine = await start_engine(model, name, args.dtype, 4.0)
         try:
             await driver.run_ours(engine, warmup, mode="warmup")  # one-off costs off the clock
+            before = engine.pass_counts
             records = await driver.run_ours(engine, audio, cut_sec=args.cut, mode=name)
+            counts = engine.pass_counts.minus(before)
         finally:
             await engine.aclose()
-        settings[name] = summarize(engine, records)
+        settings[name] = summarize(engine, records, counts)
         print(f"[cpu-knobs] {name}: p95 {settings[name]['step_p95_s']:.2f} s", flush=True)
     return settings
 
@@ -116,6 +124,7 @@ async def side_by_side(model: str, args: argparse.Namespace, audio: np.ndarray, 
         for name in args.settings:
             engines[name] = await start_engine(model, name, args.dtype, 4.0 / len(args.settings))
             await driver.run_ours(engines[name], warmup, mode="warmup")
+        before = {name: e.pass_counts for name, e in engines.items()}
         lock = asyncio.Lock()
         runs = await asyncio.gather(
             *(
@@ -126,7 +135,10 @@ async def side_by_side(model: str, args: argparse.Namespace, audio: np.ndarray, 
     finally:
         for e in engines.values():
             await e.aclose()
-    return {name: summarize(engines[name], records) for name, records in zip(engines, runs, strict=True)}
+    return {
+        name: summarize(engines[name], records, engines[name].pass_counts.minus(before[name]))
+        for name, records in zip(engines, runs, strict=True)
+    }
 
 
 def compare(results: dict[str, dict]) -> None:
@@ -145,16 +157,17 @@ def compare(results: dict[str, dict]) -> None:
 def render(report: dict, docs: Path = ROOT / "docs") -> str:
     rows = [
         "| setting | what changes | steps | p50 s | p95 s | steps total s | vs default | prefill tok/step "
-        "| same text as default |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| forward passes/step | draft tokens accepted | same text as default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in report["settings"].items():
         same = r["same_text_as_default"]
         same_s = "- (other dtype)" if same is None else f"{same}/{r['steps']}"
+        drafts = f"{r['accepted_tokens']}/{r['draft_tokens']}" if r["draft_tokens"] else "-"
         rows.append(
             f"| `{name}` | {SETTINGS[name][0]} | {r['steps']} | {r['step_p50_s']:.2f} | "
             f"{r['step_p95_s']:.2f} | {r['steps_total_s']:.1f} | x{r['time_vs_default']:.2f} | "
-            f"{r['prefill_tokens_per_step']:.0f} | {same_s} |"
+            f"{r['prefill_tokens_per_step']:.0f} | {r['forward_passes_per_step']:.1f} | {drafts} | {same_s} |"
         )
     begin, end = (PAIRED_BEGIN, PAIRED_END) if report.get("paired") else (BEGIN, END)
     block = "\n".join(

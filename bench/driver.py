@@ -136,7 +136,8 @@ async def run_ours(
         due = pacer.due(utt_start + plan.audio.shape[0]) if t0 is not None else started
         new_s = (plan.audio.shape[0] - t.utterance_samples) / SR
         cap = token_cap(bool(plan.prefix), new_s, plan.audio_seconds, config.unfixed_token_num)
-        result = await engine.step(StepRequest(plan.prompt, plan.audio, cap, sid))
+        # the draft only matters to an engine with speculative decoding (never changes the output)
+        result = await engine.step(StepRequest(plan.prompt, plan.audio, cap, sid, draft=plan.draft))
         hyp = t.apply(plan, result.text)
         rec = _record(
             mode,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -54,6 +55,9 @@ DEFAULT_MODEL = "Qwen/Qwen3-ASR-0.6B"
 # step's prompt: a quarter fewer prefill tokens, the same step time on 2 cores, identical outputs in
 # float32 (bench/cpu_knobs.py, docs/performance.md); on faster hardware prefill weighs more
 CPU_KV_BLOCK_TOKENS = 32
+# Speculative decoding's draft tokens per pass on CPU by default: measured faster there, paired with it
+# off (docs/performance.md, "CPU settings"); on GPU it stays off until measured.
+CPU_SPECULATIVE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -240,8 +244,9 @@ class EngineOptions:
     # The process-wide engine (get_shared_engine) is restarted this many times when it dies.
     max_restarts: int = 1
     # Speculative decoding with the stream's previous hypothesis as the draft (spec_decode.py): up to
-    # this many draft tokens verified per forward pass; 0 turns it off. Greedy outputs are unchanged.
-    speculative_tokens: int = 0
+    # this many draft tokens verified per forward pass; 0 turns it off. Greedy outputs are unchanged
+    # (float32). None: CPU_SPECULATIVE_TOKENS on CPU, where it is measured faster; off on GPU.
+    speculative_tokens: int | None = None
     extra: tuple[tuple[str, Any], ...] = ()  # more AsyncEngineArgs, as (name, value) pairs
 
     def __post_init__(self) -> None:
@@ -257,8 +262,8 @@ class EngineOptions:
         if self.max_restarts < 0:
             raise InvalidOptionError(f"max_restarts must be >= 0, got {self.max_restarts}")
         spec = self.speculative_tokens
-        if isinstance(spec, bool) or not isinstance(spec, int) or not 0 <= spec <= 64:
-            raise InvalidOptionError(f"speculative_tokens must be an int in [0, 64], got {spec!r}")
+        if spec is not None and (isinstance(spec, bool) or not isinstance(spec, int) or not 0 <= spec <= 64):
+            raise InvalidOptionError(f"speculative_tokens must be None or an int in [0, 64], got {spec!r}")
         block = self.kv_block_tokens
         if block is not None and (
             isinstance(block, bool) or not isinstance(block, int) or block < 16 or block % 16
@@ -421,7 +426,7 @@ class VLLMEngine:
         )
         try:
             engine._bind_loop()
-            if options.speculative_tokens:
+            if speculative_tokens(options, cuda=cuda):
                 await engine._bind_proposer()
             if engine._features is not None:
                 await engine._check_window_reuse()
@@ -440,13 +445,8 @@ class VLLMEngine:
         """The blocking part of `start` (runs in a worker thread; touches no event loop)."""
         t0 = time.perf_counter()
         cuda = _cuda_available()
-        if not cuda:
-            if advice := allocator_advice():
-                logger.warning(advice)
-            # vLLM's CPU backend reserves a core unless told otherwise; use them all by default.
-            os.environ.setdefault(
-                "VLLM_CPU_OMP_THREADS_BIND", options.cpu_threads or f"0-{(os.cpu_count() or 1) - 1}"
-            )
+        if not cuda and (advice := allocator_advice()):
+            logger.warning(advice)
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -471,9 +471,10 @@ class VLLMEngine:
                 kwargs["logging_config"] = core_log.config
             try:
                 counts = spec_decode.PassCounts()
-                llm = AsyncLLM.from_engine_args(
-                    AsyncEngineArgs(**kwargs), stat_loggers=[spec_decode.pass_counter_factory(counts)]
-                )
+                with _omp_binding_while_starting(None if cuda else omp_binding(options)):
+                    llm = AsyncLLM.from_engine_args(
+                        AsyncEngineArgs(**kwargs), stat_loggers=[spec_decode.pass_counter_factory(counts)]
+                    )
             except Exception as e:
                 tail = core_log.tail() if core_log is not None else ""
                 raise _map_start_error(e, options, cuda=cuda, child_log=tail) from e
@@ -794,6 +795,43 @@ def _map_vllm_error(e: Exception, core_log: Callable[[], str] | None = None) -> 
     return EngineError(f"vLLM step failed: {name}: {e}")
 
 
+def speculative_tokens(options: EngineOptions, *, cuda: bool) -> int:
+    """Draft tokens per verification pass for `options` on this device (0: off)."""
+    if options.speculative_tokens is not None:
+        return options.speculative_tokens
+    return 0 if cuda else CPU_SPECULATIVE_TOKENS
+
+
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
+_omp_env_lock = threading.Lock()
+
+
+def omp_binding(options: EngineOptions, environ: Mapping[str, str] = os.environ) -> str:
+    """The cores a CPU engine's OMP threads bind to: `cpu_threads`, else the caller's
+    VLLM_CPU_OMP_THREADS_BIND, else all cores (vLLM's CPU backend would reserve one)."""
+    return options.cpu_threads or environ.get(OMP_BIND_ENV) or f"0-{(os.cpu_count() or 1) - 1}"
+
+
+@contextlib.contextmanager
+def _omp_binding_while_starting(cores: str | None) -> Iterator[None]:
+    """VLLM_CPU_OMP_THREADS_BIND = `cores` while vLLM spawns its EngineCore (which reads it from the
+    environment it inherits), then as it was: a later engine in this process with other
+    `cpu_threads` gets its own. Starts that set it take turns (the environment is process-wide)."""
+    if cores is None:
+        yield
+        return
+    with _omp_env_lock:
+        before = os.environ.get(OMP_BIND_ENV)
+        os.environ[OMP_BIND_ENV] = cores
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(OMP_BIND_ENV, None)
+            else:
+                os.environ[OMP_BIND_ENV] = before
+
+
 def _engine_kwargs(
     options: EngineOptions, *, cuda: bool, kv_env: bool, mm_embeds: bool = False
 ) -> dict[str, Any]:
@@ -821,11 +859,11 @@ def _engine_kwargs(
         kwargs["kv_cache_memory_bytes"] = int((options.kv_cache_gib or 2.0) * 2**30)
     if mm_embeds:
         kwargs["enable_mm_embeds"] = True  # precomputed feature items (features.py)
-    if options.speculative_tokens:
+    if spec := speculative_tokens(options, cuda=cuda):
         kwargs["speculative_config"] = {
             "method": "custom_class",
             "model": spec_decode.PROPOSER,
-            "num_speculative_tokens": options.speculative_tokens,
+            "num_speculative_tokens": spec,
         }
         kwargs["worker_extension_cls"] = spec_decode.WORKER_EXTENSION
     kwargs.update(dict(options.extra))

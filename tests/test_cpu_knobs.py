@@ -19,6 +19,9 @@ def _result(total: float, generated: list[str]) -> dict:
         "steps_total_s": total,
         "prefill_tokens_per_step": 100.0,
         "generated": generated,
+        "forward_passes_per_step": 11.0,
+        "draft_tokens": 0,
+        "accepted_tokens": 0,
     }
 
 
@@ -36,6 +39,7 @@ def test_a_setting_is_compared_step_by_step_with_the_baseline_and_other_dtypes_a
 
 def test_the_block_shows_every_setting(tmp_path):
     results = {"default": _result(10.0, ["a", "b"]), "omp1": _result(15.0, ["a", "b"])}
+    results["default"].update(draft_tokens=12, accepted_tokens=9)
     cpu_knobs.compare(results)
     report = {
         "command": "python -m bench.cpu_knobs",
@@ -51,6 +55,7 @@ def test_the_block_shows_every_setting(tmp_path):
     block = cpu_knobs.render(report, tmp_path)
     assert (tmp_path / "performance.md").read_text() == f"x\n{block}\ny\n"
     assert "| `omp1` | OMP on one core | 2 |" in block and "x1.50" in block and "2/2" in block
+    assert "| 11.0 | 9/12 | 2/2 |" in block and "| 11.0 | - | 2/2 |" in block  # drafts: only where proposed
     (tmp_path / "performance.md").write_text(f"{block}\n{cpu_knobs.PAIRED_BEGIN}\n{cpu_knobs.PAIRED_END}\n")
     paired = cpu_knobs.render({**report, "paired": True}, tmp_path)
     assert (tmp_path / "performance.md").read_text() == f"{block}\n{paired}\n" and "took turns" in paired

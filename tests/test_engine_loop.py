@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 
 import numpy as np
@@ -22,6 +23,7 @@ import pytest
 
 from livekit_qwen_asr.engine import (
     CPU_KV_BLOCK_TOKENS,
+    OMP_BIND_ENV,
     EngineOptions,
     StepRequest,
     VLLMEngine,
@@ -30,6 +32,7 @@ from livekit_qwen_asr.engine import (
     _map_vllm_error,
     close_shared_engines,
     get_shared_engine,
+    omp_binding,
 )
 from livekit_qwen_asr.errors import (
     EngineError,
@@ -86,13 +89,27 @@ def _options(tiny_checkpoint, **changes) -> EngineOptions:
     return EngineOptions(**base)
 
 
-def _kill_engine_core(exclude: set[int]) -> None:
-    """SIGKILL the EngineCore started by this test (not the shared test engine's)."""
+def _engine_core(exclude: set[int]) -> psutil.Process:
+    """The EngineCore started by this test (not the shared test engine's)."""
     (core,) = [
         p
         for p in psutil.Process().children(recursive=True)
         if p.pid not in exclude and p.name().startswith("VLLM::EngineCore")
     ]
+    return core
+
+
+def _worker_cores(core: psutil.Process) -> set[int]:
+    """The cores an EngineCore's model worker threads may run on (vLLM binds them at start; the
+    processes' environments are unreadable once vLLM sets their titles)."""
+    workers = [p for p in core.children(recursive=True) if p.name().startswith("VLLM::Worker")]
+    assert workers, [p.name() for p in core.children(recursive=True)]
+    return {c for w in workers for t in w.threads() for c in psutil.Process(t.id).cpu_affinity()}
+
+
+def _kill_engine_core(exclude: set[int]) -> None:
+    """SIGKILL the EngineCore started by this test (not the shared test engine's)."""
+    core = _engine_core(exclude)
     victims = [core, *core.children(recursive=True)]
     for p in victims:
         p.kill()
@@ -102,8 +119,10 @@ def _kill_engine_core(exclude: set[int]) -> None:
 # -- item 6 / 13: start, restart and close off the caller's loop ------------------------------------
 async def test_shared_engine_start_restart_and_close_keep_the_loop_responsive(tiny_checkpoint, speech16k):
     others = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the shared test engine
-    # max_restarts=2 also checks that get_shared_engine honours EngineOptions.max_restarts
-    options = _options(tiny_checkpoint, max_restarts=2, mm_cache_gib=0.01)
+    caller_binding = os.environ.get(OMP_BIND_ENV)
+    # max_restarts=2 also checks that get_shared_engine honours EngineOptions.max_restarts;
+    # cpu_threads differs from the shared test engine's (all cores), started earlier in this process
+    options = _options(tiny_checkpoint, max_restarts=2, mm_cache_gib=0.01, cpu_threads="0")
     audio = _speech(speech16k, 3)
     try:
         t0 = time.monotonic()
@@ -118,6 +137,9 @@ async def test_shared_engine_start_restart_and_close_keep_the_loop_responsive(ti
         request = StepRequest(sup.base_prompt(""), audio, 4, "s1")
         first = await sup.step(request)
         assert first.generated_tokens > 0
+        # this engine's EngineCore binds its own cores; the caller's environment is as it was
+        assert _worker_cores(_engine_core(others)) == {0}
+        assert os.environ.get(OMP_BIND_ENV) == caller_binding
 
         _kill_engine_core(others)
         t0 = time.monotonic()
@@ -131,6 +153,7 @@ async def test_shared_engine_start_restart_and_close_keep_the_loop_responsive(ti
         assert lag.worst < MAX_LAG_S, f"the restart froze the loop for {lag.worst:.1f} s ({restart_s:.0f} s)"
         again = await sup.step(request)
         assert again.text == first.text  # greedy, same engine options
+        assert _worker_cores(_engine_core(others)) == {0}  # the restart binds alike
 
         async with LoopLag() as lag:
             await close_shared_engines()
@@ -227,6 +250,15 @@ def test_kv_block_tokens_is_validated_and_defaults_to_the_measured_cpu_block():
     for cuda in (False, True):
         kw = _engine_kwargs(EngineOptions(kv_block_tokens=128), cuda=cuda, kv_env=False)
         assert kw["block_size"] == 128
+
+
+def test_cpu_threads_wins_over_the_environment_which_wins_over_all_cores(monkeypatch):
+    # e.g. left by the caller, or by an earlier engine in this process before the binding was scoped
+    monkeypatch.setenv(OMP_BIND_ENV, "0-1")
+    assert omp_binding(EngineOptions(cpu_threads="0")) == "0"
+    assert omp_binding(EngineOptions()) == "0-1"
+    monkeypatch.delenv(OMP_BIND_ENV)
+    assert omp_binding(EngineOptions()) == f"0-{(os.cpu_count() or 1) - 1}"
 
 
 # vLLM 0.32's own texts (v1/core/kv_cache_utils.py, v1/worker/utils.py, v1/worker/gpu_worker.py)

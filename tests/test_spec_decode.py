@@ -16,7 +16,7 @@ import pytest
 
 from bench import spec_decode
 from livekit_qwen_asr import test_model as tm
-from livekit_qwen_asr.engine import EngineOptions, VLLMEngine, _engine_kwargs
+from livekit_qwen_asr.engine import CPU_SPECULATIVE_TOKENS, EngineOptions, VLLMEngine, _engine_kwargs
 from livekit_qwen_asr.errors import InvalidOptionError
 from livekit_qwen_asr.samples import read_wav, write_wav
 from livekit_qwen_asr.spec_decode import PROPOSER, WORKER_EXTENSION, PassCounts, draft_continuation
@@ -64,11 +64,17 @@ def test_the_option_configures_vllms_custom_proposer():
         EngineOptions(model="m", speculative_tokens=-1)
     with pytest.raises(InvalidOptionError):
         EngineOptions(model="m", speculative_tokens=True)  # type: ignore[arg-type]
-    assert "speculative_config" not in _engine_kwargs(EngineOptions(model="m"), cuda=False, kv_env=False)
-    kw = _engine_kwargs(EngineOptions(model="m", speculative_tokens=6), cuda=False, kv_env=False)
-    spec = {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 6}
-    assert kw["speculative_config"] == spec
-    assert kw["worker_extension_cls"] == WORKER_EXTENSION
+    for cuda in (False, True):
+        off = _engine_kwargs(EngineOptions(model="m", speculative_tokens=0), cuda=cuda, kv_env=False)
+        assert "speculative_config" not in off and "worker_extension_cls" not in off
+        kw = _engine_kwargs(EngineOptions(model="m", speculative_tokens=6), cuda=cuda, kv_env=False)
+        spec = {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": 6}
+        assert kw["speculative_config"] == spec
+        assert kw["worker_extension_cls"] == WORKER_EXTENSION
+    # by default: on where it was measured faster (CPU), off where it was not measured (GPU)
+    cpu = _engine_kwargs(EngineOptions(model="m"), cuda=False, kv_env=False)["speculative_config"]
+    assert cpu["num_speculative_tokens"] == CPU_SPECULATIVE_TOKENS
+    assert "speculative_config" not in _engine_kwargs(EngineOptions(model="m"), cuda=True, kv_env=False)
 
 
 async def _stream_steps(engine: VLLMEngine, audio: np.ndarray, utterance_s: float) -> list[str]:
