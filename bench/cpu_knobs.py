@@ -40,7 +40,7 @@ import numpy as np
 
 from bench import driver
 from bench.doc_blocks import replace_block
-from livekit_qwen_asr.engine import CPU_KV_BLOCK_TOKENS, CPU_SPECULATIVE_TOKENS
+from livekit_qwen_asr.engine import CPU_KV_BLOCK_TOKENS, CPU_SPECULATIVE_TOKENS, scoped_environ
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- cpu-knobs:begin -->", "<!-- cpu-knobs:end -->"  # one setting at a time
@@ -82,17 +82,8 @@ async def start_engine(model: str, name: str, dtype: str, kv_cache_gib: float):
 
     fields = {"dtype": dtype, **SETTINGS[name][1]}
     options = EngineOptions(model=model, max_model_len=4096, kv_cache_gib=kv_cache_gib, **fields)
-    env = SPAWN_ENV[name]() if name in SPAWN_ENV else {}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # vLLM spawns fresh interpreters: they start with this environment
-    try:
+    with scoped_environ(SPAWN_ENV[name]() if name in SPAWN_ENV else {}):
         return await VLLMEngine.start(options)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class TakingTurns:

@@ -471,7 +471,11 @@ class VLLMEngine:
                 kwargs["logging_config"] = core_log.config
             try:
                 counts = spec_decode.PassCounts()
-                with _omp_binding_while_starting(None if cuda else omp_binding(options)):
+                # the binding is this engine's own: a later engine here may bind other cores;
+                # starts take turns (the environment is process-wide)
+                binding = {} if cuda else {OMP_BIND_ENV: omp_binding(options)}
+                turns = contextlib.nullcontext() if cuda else _omp_env_lock
+                with turns, scoped_environ(binding):
                     llm = AsyncLLM.from_engine_args(
                         AsyncEngineArgs(**kwargs), stat_loggers=[spec_decode.pass_counter_factory(counts)]
                     )
@@ -813,23 +817,20 @@ def omp_binding(options: EngineOptions, environ: Mapping[str, str] = os.environ)
 
 
 @contextlib.contextmanager
-def _omp_binding_while_starting(cores: str | None) -> Iterator[None]:
-    """VLLM_CPU_OMP_THREADS_BIND = `cores` while vLLM spawns its EngineCore (which reads it from the
-    environment it inherits), then as it was: a later engine in this process with other
-    `cpu_threads` gets its own. Starts that set it take turns (the environment is process-wide)."""
-    if cores is None:
+def scoped_environ(env: Mapping[str, str]) -> Iterator[None]:
+    """`env` in this process's environment for the block, then as it was. vLLM spawns its EngineCore
+    and worker as fresh interpreters that start with this environment, so variables they read at
+    start (e.g. VLLM_CPU_OMP_THREADS_BIND, LD_PRELOAD) can be given to one engine only."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
         yield
-        return
-    with _omp_env_lock:
-        before = os.environ.get(OMP_BIND_ENV)
-        os.environ[OMP_BIND_ENV] = cores
-        try:
-            yield
-        finally:
-            if before is None:
-                os.environ.pop(OMP_BIND_ENV, None)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
             else:
-                os.environ[OMP_BIND_ENV] = before
+                os.environ[k] = v
 
 
 def _engine_kwargs(
