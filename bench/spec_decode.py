@@ -3,14 +3,16 @@ in vLLM's own terms (forward passes, drafts proposed and accepted, generated and
 
 1. **Trained test model** (the model stops by itself and consecutive steps mostly agree, so drafts
    behave as with a real model), streamed at the plugin defaults on two engines alike but for
-   `speculative_tokens`: held-out recordings (one short utterance each: its first step has no draft)
-   and pause-free held-out speech cut every 30 s as the plugin cuts it (most steps have a draft).
+   `speculative_tokens`, both loaded and taking turns utterance by utterance: held-out recordings
+   (one short utterance each: its first step has no draft) and pause-free held-out speech cut every
+   30 s as the plugin cuts it (most steps have a draft).
    Finals and generated tokens must be identical; per step: forward passes, drafts, accepted tokens,
    prefill tokens, encoder seconds, wall.
 2. **0.6B-shaped checkpoint** (random weights, real compute): the cost of a forward pass. Each step of
    a streamed utterance is run with its prompt fully cached (a warm-up call first), so what is timed
    is decoding: once plainly (one pass per token) and once with its own output as the draft (every
-   draft token accepted: the upper bound), and plainly on an engine without speculative decoding.
+   draft token accepted: the upper bound), and plainly on an engine without speculative decoding
+   (both engines loaded, taking turns step by step: this shared machine drifts between runs).
    Gives ms per decode pass on each engine, ms per verification pass, and the decode time a step
    saves at the counts part 1 measured.
 
@@ -103,23 +105,27 @@ def _summary(steps: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
 
 
 async def trained_model_run(model: str, sets: dict[str, list[np.ndarray]], tokens: int) -> dict[str, Any]:
-    """Part 1: every set's utterances in both modes, one engine per mode; identical finals required."""
+    """Part 1: every set's utterances in both modes, one engine per mode, both loaded and taking turns
+    utterance by utterance (so the machine's drift hits both alike); identical finals required."""
+    modes = {"plain": 0, "drafted": tokens}
+    engines: dict[str, VLLMEngine] = {}
     runs: dict[str, dict[str, tuple[list[dict[str, Any]], list[str], float]]] = {name: {} for name in sets}
-    for mode, spec in (("plain", 0), ("drafted", tokens)):
-        engine = await VLLMEngine.start(
-            EngineOptions(model=model, dtype="float32", max_model_len=2048, speculative_tokens=spec)
-        )
-        try:
-            for name, utterances in sets.items():
-                steps: list[dict[str, Any]] = []
-                finals: list[str] = []
-                t0 = time.perf_counter()
-                for i, a in enumerate(utterances):
+    try:
+        for mode, spec in modes.items():
+            engines[mode] = await VLLMEngine.start(
+                EngineOptions(model=model, dtype="float32", max_model_len=2048, speculative_tokens=spec)
+            )
+        for name, utterances in sets.items():
+            acc = {mode: ([], [], 0.0) for mode in modes}
+            for i, a in enumerate(utterances):
+                for mode, engine in engines.items():
+                    steps, finals, wall = acc[mode]
+                    t0 = time.perf_counter()
                     s, final = await utterance_steps(engine, a, f"{name}-{i}")
-                    finals.append(final)
-                    steps += s
-                runs[name][mode] = (steps, finals, time.perf_counter() - t0)
-        finally:
+                    acc[mode] = (steps + s, [*finals, final], wall + time.perf_counter() - t0)
+            runs[name] = acc
+    finally:
+        for engine in engines.values():
             await engine.aclose()
     out: dict[str, Any] = {}
     for name, utterances in sets.items():
@@ -144,33 +150,42 @@ def pause_free_utterances(wav: Path, max_utterance_s: float) -> list[np.ndarray]
 
 
 async def _decode_cost_rows(model: str, audio: np.ndarray, tokens: int, max_tokens: int) -> list[dict]:
-    """Each step of one streamed utterance with its prompt cached: the prefill-only call, plain
-    decoding, and (engine with `tokens` > 0) decoding with its own plain output as the draft."""
-    engine = await VLLMEngine.start(EngineOptions(model=model, max_model_len=4096, speculative_tokens=tokens))
+    """Each step of one streamed utterance with its prompt cached, on an engine without speculative
+    decoding (`base`) and one with it (`spec`), both loaded and taking turns step by step so the
+    machine's drift hits both alike: per engine the prefill-only call and plain decoding, and on
+    `spec` decoding with the plain output as the draft (every draft token accepted)."""
+    engines: dict[str, VLLMEngine] = {}
     rows = []
     try:
-        t = StreamingTranscriber(StreamingConfig(), engine.codec, engine.base_prompt)
+        for name, spec in (("base", 0), ("spec", tokens)):
+            engines[name] = await VLLMEngine.start(
+                EngineOptions(model=model, max_model_len=4096, speculative_tokens=spec)
+            )
+        base = engines["base"]
+        t = StreamingTranscriber(StreamingConfig(), base.codec, base.base_prompt)
         t.push_audio(audio)
         while (plan := t.next_step()) is not None:
             req = StepRequest(plan.prompt, plan.audio, max_tokens, "cost")
             first = dataclasses.replace(req, max_tokens=1)
-            await engine.step(first)  # warm: the prompt is cached from here on
-            runs = {"prefill": await _measured_step(engine, first)}
-            runs["plain"] = await _measured_step(engine, req)
-            if tokens:
-                runs["drafted"] = await _measured_step(
-                    engine, dataclasses.replace(req, draft=runs["plain"]["text"])
-                )
-            t.apply(plan, runs["plain"]["text"])
+            runs: dict[str, dict[str, Any]] = {}
+            for name, engine in engines.items():
+                await engine.step(first)  # warm: the prompt is cached from here on
+                runs[f"{name}_prefill"] = await _measured_step(engine, first)
+                runs[f"{name}_plain"] = await _measured_step(engine, req)
+            runs["drafted"] = await _measured_step(
+                engines["spec"], dataclasses.replace(req, draft=runs["spec_plain"]["text"])
+            )
+            t.apply(plan, runs["base_plain"]["text"])
             rows.append(runs)
     finally:
-        await engine.aclose()
+        for engine in engines.values():
+            await engine.aclose()
     return rows
 
 
-def _ms_per_pass(rows: list[dict], mode: str) -> tuple[float, int, float]:
-    """Decode wall (prefill call subtracted), passes after the prefill pass, ms per pass."""
-    wall = sum(r[mode]["wall_s"] - r["prefill"]["wall_s"] for r in rows)
+def _ms_per_pass(rows: list[dict], engine: str, mode: str) -> tuple[float, int, float]:
+    """Decode wall (that engine's prefill call subtracted), passes after the prefill pass, ms per pass."""
+    wall = sum(r[mode]["wall_s"] - r[f"{engine}_prefill"]["wall_s"] for r in rows)
     passes = sum(r[mode]["forward_passes"] - 1 for r in rows)
     return wall, passes, 1000 * wall / passes
 
@@ -178,16 +193,16 @@ def _ms_per_pass(rows: list[dict], mode: str) -> tuple[float, int, float]:
 async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: int) -> dict[str, Any]:
     """Part 2: ms per decode pass on an engine without speculative decoding, and on one with it: per
     plain decode pass and per verification pass with every draft token accepted."""
-    base = await _decode_cost_rows(model, audio, 0, max_tokens)
     rows = await _decode_cost_rows(model, audio, tokens, max_tokens)
-    base_wall, _, base_ms = _ms_per_pass(base, "plain")
-    plain_wall, _, plain_ms = _ms_per_pass(rows, "plain")
-    drafted_wall, drafted_passes, drafted_ms = _ms_per_pass(rows, "drafted")
-    gen = sum(r["plain"]["generation_tokens"] - 1 for r in rows)
+    base_wall, _, base_ms = _ms_per_pass(rows, "base", "base_plain")
+    plain_wall, _, plain_ms = _ms_per_pass(rows, "spec", "spec_plain")
+    drafted_wall, drafted_passes, drafted_ms = _ms_per_pass(rows, "spec", "drafted")
+    gen = sum(r["spec_plain"]["generation_tokens"] - 1 for r in rows)
     return {
         "steps": len(rows),
+        "paired": True,
         "decode_tokens": gen,
-        "identical": all(r["plain"]["text"] == r["drafted"]["text"] for r in rows),
+        "identical": all(r["spec_plain"]["text"] == r["drafted"]["text"] for r in rows),
         "accepted_tokens": sum(r["drafted"]["accepted_tokens"] for r in rows),
         "draft_tokens": sum(r["drafted"]["draft_tokens"] for r in rows),
         "ms_per_decode_pass_no_spec_engine": base_ms,
@@ -270,6 +285,9 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
         drafts = d["drafts_per_step"]
         drafted_ms = drafts * ver + (d["forward_passes_per_step"] - 1 - drafts) * dec
         saved = 1 - drafted_ms / plain_ms
+        order = "one after the other"
+        if cost.get("paired"):
+            order = "both engines loaded, taking turns step by step"
         lines += [
             "",
             f"{cost['preset']}-shaped synthetic checkpoint ({cost['steps']} steps, prompts cached so "
@@ -278,7 +296,8 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
             f"without speculative decoding; with it, **{dec:.0f} ms** per plain decode pass and "
             f"**{ver:.0f} ms** per verification pass carrying {cost['tokens_per_verification_pass']:.1f} "
             f"tokens when every draft token is accepted ({cost['accepted_tokens']}/{cost['draft_tokens']}); "
-            f"decode time x{cost['decode_time_ratio_vs_no_spec_engine']:.2f} of the engine without it. "
+            f"a step's decode then took x{cost['decode_time_ratio_vs_no_spec_engine']:.2f} of its time "
+            f"on the engine without it ({order}). "
             f"At the test model's counts ({SET_LABELS[names[-1]]}) a step's decode time would be about "
             f"{abs(saved):.0%} "
             f"{'shorter' if saved >= 0 else 'longer'} (passes after the prefill pass, priced at these "
