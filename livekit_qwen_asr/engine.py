@@ -30,6 +30,7 @@ import numpy as np
 
 from . import spec_decode
 from .allocator import allocator_advice
+from .cpu_features import bf16_matrix_hardware, cpu_flags
 from .errors import (
     EngineError,
     EngineUnavailableError,
@@ -215,7 +216,9 @@ class EngineOptions:
     """Start-up options. `None` means: the platform default noted beside it."""
 
     model: str = DEFAULT_MODEL  # HF id or local checkpoint directory
-    dtype: str = "auto"  # checkpoint dtype (bf16 for Qwen3-ASR)
+    # "auto": the checkpoint's (bf16 for Qwen3-ASR), except float32 on a CPU without bf16 matrix
+    # hardware (engine_dtype)
+    dtype: str = "auto"
     max_model_len: int = 8192  # prompt + generated tokens; 13 audio tokens per second
     kv_cache_gib: float | None = None  # CPU: 2 GiB; GPU: vLLM's gpu_memory_utilization rule
     # GPU only (CUDA): the fraction of the *whole* GPU's memory this engine process may take (weights,
@@ -799,6 +802,17 @@ def _map_vllm_error(e: Exception, core_log: Callable[[], str] | None = None) -> 
     return EngineError(f"vLLM step failed: {name}: {e}")
 
 
+def engine_dtype(options: EngineOptions, *, cuda: bool, flags: set[str] | None = None) -> str:
+    """The dtype vLLM runs: `options.dtype`, but "auto" (the checkpoint's, bf16) becomes float32 on a
+    CPU without bf16 matrix hardware, where torch's bf16 fallback makes prefill several times slower
+    (cpu_features.py; measured side by side, docs/performance.md "CPU settings")."""
+    if options.dtype != "auto" or cuda:
+        return options.dtype
+    if bf16_matrix_hardware(cpu_flags() if flags is None else flags) is False:
+        return "float32"
+    return options.dtype
+
+
 def speculative_tokens(options: EngineOptions, *, cuda: bool) -> int:
     """Draft tokens per verification pass for `options` on this device (0: off)."""
     if options.speculative_tokens is not None:
@@ -840,7 +854,7 @@ def _engine_kwargs(
     vLLM takes precomputed feature items)."""
     kwargs: dict[str, Any] = dict(
         model=options.model,
-        dtype=options.dtype,
+        dtype=engine_dtype(options, cuda=cuda),
         max_model_len=options.max_model_len,
         enable_prefix_caching=options.enable_prefix_caching,
         limit_mm_per_prompt={"audio": max_audio_items(options)},

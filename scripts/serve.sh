@@ -20,8 +20,10 @@ args=(--model "$MODEL" --host "${HOST:-127.0.0.1}" --port "${PORT:-8000}"
       --enable-scale-out --enable-mm-embeds)  # /inference/v1/generate with encoder windows (window reuse)
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   # CPU: no graph capture (fast start); 32-token KV blocks as the in-process engine uses (vLLM's CPU
-  # default of 128 leaves more of each prompt outside the prefix cache: docs/performance.md)
-  args+=(--enforce-eager --block-size 32)
+  # default of 128 leaves more of each prompt outside the prefix cache: docs/performance.md); its
+  # dtype too (float32 on a CPU without bf16 matrix hardware, where bf16 is several times slower)
+  dtype="$($PY -c 'from livekit_qwen_asr.engine import EngineOptions as O, engine_dtype as d; print(d(O(), cuda=False))')"
+  args+=(--enforce-eager --block-size 32 --dtype "$dtype")
 fi
 [ -n "${API_KEY:-}" ] && args+=(--api-key "$API_KEY")
 echo "serving $MODEL on http://${HOST:-127.0.0.1}:${PORT:-8000} (STT(base_url=...))" >&2

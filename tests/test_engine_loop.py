@@ -31,6 +31,7 @@ from livekit_qwen_asr.engine import (
     _map_start_error,
     _map_vllm_error,
     close_shared_engines,
+    engine_dtype,
     get_shared_engine,
     omp_binding,
 )
@@ -250,6 +251,26 @@ def test_kv_block_tokens_is_validated_and_defaults_to_the_measured_cpu_block():
     for cuda in (False, True):
         kw = _engine_kwargs(EngineOptions(kv_block_tokens=128), cuda=cuda, kv_env=False)
         assert kw["block_size"] == 128
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_bf16_matrix_hardware(monkeypatch):
+    """There torch's bf16 fallback makes prefill several times slower (docs/performance.md)."""
+    from livekit_qwen_asr import engine as engine_module
+
+    avx2, zen4, sapphire, graviton = {"avx2", "fma"}, {"avx2", "avx512_bf16"}, {"amx_bf16"}, {"asimd", "bf16"}
+    auto = EngineOptions()
+    assert engine_dtype(auto, cuda=False, flags=avx2) == "float32"
+    for flags in (zen4, sapphire, graviton, set()):  # bf16 hardware, or flags unknown: the checkpoint's
+        assert engine_dtype(auto, cuda=False, flags=flags) == "auto"
+    assert engine_dtype(auto, cuda=True, flags=avx2) == "auto"
+    for explicit in ("bfloat16", "float32", "float16"):  # an explicit dtype is kept everywhere
+        assert engine_dtype(EngineOptions(dtype=explicit), cuda=False, flags=avx2) == explicit
+    # and it is what vLLM gets
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: avx2)
+    assert _engine_kwargs(auto, cuda=False, kv_env=False)["dtype"] == "float32"
+    assert _engine_kwargs(auto, cuda=True, kv_env=False)["dtype"] == "auto"
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: zen4)
+    assert _engine_kwargs(auto, cuda=False, kv_env=False)["dtype"] == "auto"
 
 
 def test_cpu_threads_wins_over_the_environment_which_wins_over_all_cores(monkeypatch):
