@@ -4,12 +4,14 @@ pause-free speech back to back at the plugin defaults (2 s chunks, rollback 5, a
 with the benchmark's real-speech token cap (bench/driver.py).
 
 Settings (`--settings`, comma-separated):
-- `default`: the plugin's defaults: the checkpoint's dtype (bf16), a KV block of
-  `CPU_KV_BLOCK_TOKENS` (32), OMP threads on every core;
+- `default`: the plugin's defaults: the checkpoint's dtype (bf16), or float32 on a CPU without bf16
+  matrix hardware (`engine_dtype`), a KV block of `CPU_KV_BLOCK_TOKENS` (32), speculative decoding,
+  OMP threads on every core;
 - `block128` (vLLM's CPU default, the plugin's until this benchmark), `block64`: larger KV blocks; the
   prefix cache reuses whole blocks only, so less of each prompt comes from the cache;
 - `omp1`: OMP on one core, the other left to the plugin's own work (features, asyncio, detokenizing);
-- `fp32`: float32 weights and activations.
+- `fp32`: float32 weights and activations; `bf16`: bf16 whatever the CPU;
+- `nospec`: speculative decoding off; `iomp`: Intel OpenMP preloaded in the engine's processes.
 
 Per setting: p50 / p95 / total step seconds, prompt tokens not served from the prefix cache, and
 whether every step generated the same text as `default` (a setting in another dtype is compared with
@@ -29,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +41,14 @@ import numpy as np
 
 from bench import driver
 from bench.doc_blocks import replace_block
-from livekit_qwen_asr.engine import CPU_KV_BLOCK_TOKENS, CPU_SPECULATIVE_TOKENS, scoped_environ
+from bench.machine import machine_label
+from livekit_qwen_asr.engine import (
+    CPU_KV_BLOCK_TOKENS,
+    CPU_SPECULATIVE_TOKENS,
+    EngineOptions,
+    engine_dtype,
+    scoped_environ,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- cpu-knobs:begin -->", "<!-- cpu-knobs:end -->"  # one setting at a time
@@ -48,10 +56,13 @@ PAIRED_BEGIN, PAIRED_END = "<!-- cpu-knobs-paired:begin -->", "<!-- cpu-knobs-pa
 DOC_FILES = ("performance.md", "performance.template.md")
 
 # name -> (what it changes, EngineOptions fields)
+# the plugin's CPU dtype on this machine: the checkpoint's bf16, or float32 without bf16 matrix hardware
+DEFAULT_DTYPE = {"auto": "bf16"}.get(engine_dtype(EngineOptions(), cuda=False), "float32")
+
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": (
-        f"bf16, KV block {CPU_KV_BLOCK_TOKENS}, speculative decoding ({CPU_SPECULATIVE_TOKENS} draft "
-        "tokens), OMP on all cores (the plugin's defaults)",
+        f"{DEFAULT_DTYPE}, KV block {CPU_KV_BLOCK_TOKENS}, speculative decoding ({CPU_SPECULATIVE_TOKENS} "
+        "draft tokens), OMP on all cores (the plugin's defaults)",
         {},
     ),
     "nospec": ("speculative decoding off", {"speculative_tokens": 0}),
@@ -59,6 +70,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "block64": ("KV block 64 tokens", {"kv_block_tokens": 64}),
     "omp1": ("OMP on one core", {"cpu_threads": "0"}),
     "fp32": ("float32", {"dtype": "float32"}),
+    "bf16": ("bf16 (the checkpoint's dtype) whatever the CPU", {"dtype": "bfloat16"}),
     "iomp": ("Intel OpenMP (libiomp5) preloaded in the engine's processes, as vLLM's CPU docs advise", {}),
 }
 
@@ -217,7 +229,7 @@ async def amain(args: argparse.Namespace) -> dict:
     compare(settings)
     return {
         "command": " ".join(["python -m bench.cpu_knobs", *args.argv]),
-        "machine": f"{platform.machine()} cpus={os.cpu_count()}",
+        "machine": machine_label(),
         "date": time.strftime("%Y-%m-%d"),
         "preset": args.preset,
         "seconds": args.seconds,
@@ -241,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         help="all settings' engines at once, their streams taking turns step by step (machine drift "
         "hits them alike; KV cache split between them)",
     )
-    ap.add_argument("--dtype", default="auto", help="of every setting but fp32 (auto: the checkpoint's)")
+    ap.add_argument("--dtype", default="auto", help="of each setting but fp32/bf16 (auto: engine default)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "cpu-knobs")
     ap.add_argument("--no-render", action="store_true")
     args = ap.parse_args(argv)

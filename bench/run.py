@@ -237,10 +237,11 @@ def table(results: dict) -> str:
             f"| {s['prefill_tokens_per_step']:.0f} | {f(s['completed_window_hit_rate'], '{:.0%}')} "
             f"| {s['generated_tokens_per_step']:.1f} | {results['memory_peak_gib'][name]:.1f} |"
         )
+    dtype = results.get("engine_dtype", results.get("dtype", "auto"))  # older results: the option
     lines += [
         "",
         "Same greedy text, ours vs official, step by step over the shared stretch: "
-        f"{results['same_text_steps']} (dtype {results.get('dtype', 'auto')}; in bf16, cached KV and a "
+        f"{results['same_text_steps']} (dtype {dtype}; in bf16, cached KV and a "
         "speculative verification pass (ours sends drafts, as the plugin does on CPU) differ from a fresh "
         "prefill and a one-token decode in the last bit, and the random model's exact logit ties can flip "
         "a greedy choice: see docs/performance.md).",
@@ -316,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--paced-seconds", type=float, default=300)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--kv-cache-gib", type=float, default=4.0)
-    ap.add_argument("--dtype", default="auto", help="engine dtype (auto = the checkpoint's bf16)")
+    ap.add_argument("--dtype", default="auto", help="engine dtype (auto: the engine default, engine_dtype)")
     ap.add_argument("--quick", action="store_true", help="CI smoke: tiny, 20 s, 2 paced streams for 6 s")
     args = ap.parse_args(argv)
     if args.quick:
@@ -338,7 +339,8 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 async def amain(args: argparse.Namespace) -> dict:
-    from livekit_qwen_asr.engine import EngineOptions, VLLMEngine, _cuda_available
+    from bench.machine import cpu_device_label
+    from livekit_qwen_asr.engine import EngineOptions, VLLMEngine, _cuda_available, engine_dtype
     from livekit_qwen_asr.synthetic import ensure_checkpoint
 
     cuda = _cuda_available()
@@ -357,7 +359,8 @@ async def amain(args: argparse.Namespace) -> dict:
         await engine.aclose()
     results.update(
         preset=args.preset,
-        device="GPU" if cuda else f"CPU ({os.cpu_count()} cores)",
+        device="GPU" if cuda else cpu_device_label(),
+        engine_dtype=engine_dtype(EngineOptions(dtype=args.dtype), cuda=cuda),
         engine_start_s=engine.startup_s,
         cut_s=args.cut,
         dtype=args.dtype,

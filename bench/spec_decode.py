@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,8 @@ import numpy as np
 
 from bench.doc_blocks import replace_block
 from bench.fidelity import dataset, load_audio, wer
-from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine
+from bench.machine import machine_label
+from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine, engine_dtype
 from livekit_qwen_asr.streaming import SAMPLE_RATE, StreamingConfig, StreamingTranscriber
 from livekit_qwen_asr.stt import step_token_budget
 
@@ -200,6 +199,7 @@ async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: 
     gen = sum(r["spec_plain"]["generation_tokens"] - 1 for r in rows)
     return {
         "steps": len(rows),
+        "dtype": engine_dtype(EngineOptions(), cuda=False),  # the engines' (the CPU default)
         "paired": True,
         "decode_tokens": gen,
         "identical": all(r["spec_plain"]["text"] == r["drafted"]["text"] for r in rows),
@@ -273,35 +273,46 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
     # the decode-time estimate uses the set closest to continuous speech
     p, d = tm[names[-1]]["modes"]["plain"], tm[names[-1]]["modes"]["drafted"]
     if cost:
-        # a step's decode passes (after the prefill pass) at the test model's counts, priced at the
-        # 0.6B pass costs: plain steps at the engine without speculative decoding, drafted ones at
-        # the spec engine's (its plain passes may carry the spec machinery's overhead)
+        # a pass is priced as a fixed cost plus a cost per token it computes (a verification pass
+        # computes its draft tokens + 1), fitted to the two passes measured on the 0.6B shape: the
+        # plain decode pass and the verification pass with every draft token accepted
         base, dec, ver = (
             cost["ms_per_decode_pass_no_spec_engine"],
             cost["ms_per_decode_pass"],
             cost["ms_per_verification_pass"],
         )
+        verifications = cost["decode_tokens"] / cost["tokens_per_verification_pass"]
+        carried = cost["draft_tokens"] / verifications + 1
+        per_token = (ver - dec) / (carried - 1) if carried > 1 else 0.0
+        fixed = dec - per_token
+        # a step's decode passes (after the prefill pass) at the test model's counts: plain steps at
+        # the engine without speculative decoding, drafted ones at the spec engine's costs
         plain_ms = (p["forward_passes_per_step"] - 1) * base
         drafts = d["drafts_per_step"]
-        drafted_ms = drafts * ver + (d["forward_passes_per_step"] - 1 - drafts) * dec
+        test_carried = d["draft_tokens"] / d["drafts"] + 1 if d["drafts"] else 1.0
+        drafted_ms = (
+            drafts * (fixed + per_token * test_carried) + (d["forward_passes_per_step"] - 1 - drafts) * dec
+        )
         saved = 1 - drafted_ms / plain_ms
+        rejected = 1 - (d["acceptance"] or 1.0)
+        dtype = {"auto": " in bf16", "float32": " in float32"}.get(cost.get("dtype", ""), "")
         order = "one after the other"
         if cost.get("paired"):
             order = "both engines loaded, taking turns step by step"
         lines += [
             "",
-            f"{cost['preset']}-shaped synthetic checkpoint ({cost['steps']} steps, prompts cached so "
+            f"{cost['preset']}-shaped synthetic checkpoint{dtype} ({cost['steps']} steps, prompts cached so "
             "only decoding is timed, "
             f"outputs identical: {cost['identical']}): **{base:.0f} ms** per decode pass on an engine "
             f"without speculative decoding; with it, **{dec:.0f} ms** per plain decode pass and "
-            f"**{ver:.0f} ms** per verification pass carrying {cost['tokens_per_verification_pass']:.1f} "
-            f"tokens when every draft token is accepted ({cost['accepted_tokens']}/{cost['draft_tokens']}); "
-            f"a step's decode then took x{cost['decode_time_ratio_vs_no_spec_engine']:.2f} of its time "
-            f"on the engine without it ({order}). "
-            f"At the test model's counts ({SET_LABELS[names[-1]]}) a step's decode time would be about "
-            f"{abs(saved):.0%} "
-            f"{'shorter' if saved >= 0 else 'longer'} (passes after the prefill pass, priced at these "
-            "costs).",
+            f"**{ver:.0f} ms** per verification pass computing {carried:.1f} tokens, every draft token "
+            f"accepted ({cost['accepted_tokens']}/{cost['draft_tokens']}); a step's decode then took "
+            f"x{cost['decode_time_ratio_vs_no_spec_engine']:.2f} of its time on the engine without it "
+            f"({order}). So a pass costs about **{fixed:.0f} ms plus {per_token:.0f} ms per token it "
+            f"computes**. Priced so, at the test model's counts ({SET_LABELS[names[-1]]}: "
+            f"{test_carried:.1f} tokens per verification pass, {rejected:.0%} of draft tokens rejected) "
+            f"a step's decode time would be about {abs(saved):.0%} "
+            f"{'shorter' if saved >= 0 else 'longer'} (passes after the prefill pass).",
         ]
     lines.append(END)
     block = "\n".join(lines)
@@ -322,7 +333,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     trained["heldout"]["wer"] = wer([ref for _w, ref, _x in files], trained["heldout"]["finals"])
     report: dict[str, Any] = {
         "command": "python -m bench.spec_decode " + " ".join(args.argv),
-        "machine": f"{platform.machine()} cpus={os.cpu_count()}",
+        "machine": machine_label(),
         "date": time.strftime("%Y-%m-%d"),
         "tokens": args.tokens,
         "trained_model": trained,

@@ -86,3 +86,20 @@ def test_the_iomp_setting_swaps_vllms_gnu_openmp_for_intels(monkeypatch):
     env = cpu_knobs.SPAWN_ENV["iomp"]()
     first, second = env["LD_PRELOAD"].split(":")
     assert first == "/lib/libtcmalloc_minimal.so.4" and second.endswith("/libiomp5.so")
+
+
+def test_reports_name_the_cpus_bf16_matrix_hardware(tmp_path):
+    """A verification pass's cost depends on it (torch's bf16 linear costs per row without it), so the
+    reports of cpu_knobs and spec_decode say whether the CPU has it, read from /proc/cpuinfo's flags."""
+    from bench.machine import machine_label
+    from livekit_qwen_asr.cpu_features import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "fma"}  # the first CPU's
+    assert cpu_flags(tmp_path / "missing") == set()
+    assert machine_label({"avx2", "fma"}).endswith(", AVX2, no bf16 matrix hardware")
+    assert machine_label({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}).endswith(
+        ", AVX-512, AVX-512 BF16, AMX-BF16"
+    )
+    assert "bf16" not in machine_label(set())  # unknown: says nothing rather than guess
