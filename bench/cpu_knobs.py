@@ -41,7 +41,7 @@ import numpy as np
 
 from bench import driver
 from bench.doc_blocks import replace_block
-from bench.machine import machine_label
+from bench.machine import DTYPE_NAMES, machine_label
 from livekit_qwen_asr.engine import (
     CPU_KV_BLOCK_TOKENS,
     CPU_SPECULATIVE_TOKENS,
@@ -55,10 +55,10 @@ BEGIN, END = "<!-- cpu-knobs:begin -->", "<!-- cpu-knobs:end -->"  # one setting
 PAIRED_BEGIN, PAIRED_END = "<!-- cpu-knobs-paired:begin -->", "<!-- cpu-knobs-paired:end -->"
 DOC_FILES = ("performance.md", "performance.template.md")
 
-# name -> (what it changes, EngineOptions fields)
 # the plugin's CPU dtype on this machine: the checkpoint's bf16, or float32 without bf16 matrix hardware
-DEFAULT_DTYPE = {"auto": "bf16"}.get(engine_dtype(EngineOptions(), cuda=False), "float32")
+DEFAULT_DTYPE = DTYPE_NAMES[engine_dtype(EngineOptions(), cuda=False)]
 
+# name -> (what it changes, EngineOptions fields)
 SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": (
         f"{DEFAULT_DTYPE}, KV block {CPU_KV_BLOCK_TOKENS}, speculative decoding ({CPU_SPECULATIVE_TOKENS} "

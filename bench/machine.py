@@ -8,6 +8,10 @@ import platform
 
 from livekit_qwen_asr.cpu_features import BF16_MATRIX_FLAGS, bf16_matrix_hardware, cpu_flags
 
+# a resolved engine dtype (livekit_qwen_asr.engine.engine_dtype) as reports name it; "auto" is the
+# checkpoint's dtype, bf16 for the Qwen3-ASR checkpoints and the synthetic ones
+DTYPE_NAMES = {"auto": "bf16", "bfloat16": "bf16", "float32": "float32"}
+
 
 def machine_label(flags: set[str] | None = None) -> str:
     """e.g. "x86_64 cpus=2, AVX2, no bf16 matrix hardware"."""

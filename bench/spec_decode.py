@@ -35,8 +35,8 @@ import numpy as np
 
 from bench.doc_blocks import replace_block
 from bench.fidelity import dataset, load_audio, wer
-from bench.machine import machine_label
-from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine, engine_dtype
+from bench.machine import DTYPE_NAMES, machine_label
+from livekit_qwen_asr.engine import EngineOptions, StepRequest, VLLMEngine, _cuda_available, engine_dtype
 from livekit_qwen_asr.streaming import SAMPLE_RATE, StreamingConfig, StreamingTranscriber
 from livekit_qwen_asr.stt import step_token_budget
 
@@ -199,7 +199,7 @@ async def pass_cost_run(model: str, audio: np.ndarray, tokens: int, max_tokens: 
     gen = sum(r["spec_plain"]["generation_tokens"] - 1 for r in rows)
     return {
         "steps": len(rows),
-        "dtype": engine_dtype(EngineOptions(), cuda=False),  # the engines' (the CPU default)
+        "dtype": engine_dtype(EngineOptions(), cuda=_cuda_available()),  # the engines' (the default)
         "paired": True,
         "decode_tokens": gen,
         "identical": all(r["spec_plain"]["text"] == r["drafted"]["text"] for r in rows),
@@ -295,7 +295,7 @@ def render(report: dict[str, Any], docs: Path = ROOT / "docs") -> str:
         )
         saved = 1 - drafted_ms / plain_ms
         rejected = 1 - (d["acceptance"] or 1.0)
-        dtype = {"auto": " in bf16", "float32": " in float32"}.get(cost.get("dtype", ""), "")
+        dtype = f" in {DTYPE_NAMES[cost['dtype']]}" if cost.get("dtype") in DTYPE_NAMES else ""
         order = "one after the other"
         if cost.get("paired"):
             order = "both engines loaded, taking turns step by step"
